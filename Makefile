@@ -1,0 +1,63 @@
+# cellstage — two commands: `make demo` runs the whole pipeline on the embedded demo,
+# `make test` runs the tests. Both set up a project-local virtual environment first.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast test-slurm bench lint report clean-results help setup demo-data
+
+help:
+	@echo "make demo        set up, generate the demo slides, run the whole workflow"
+	@echo "make test        set up, run the test suite (unit + integration)"
+	@echo "make test-fast   unit tests only"
+	@echo "make bench       benchmarks -> results/bench/*.json"
+	@echo "make lint        snakemake --lint"
+	@echo "make report      snakemake --report results/report.html"
+
+setup: $(VENV)/.installed
+
+# The pins in requirements.txt are the tested stack (see ../shared/notes/machine-facts.md):
+# torch and torchvision are pinned together in the same install, otherwise timm/lightly pull a
+# torch whose torchvision fails to import. requirements.lock is the full resolved set.
+$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -c "import torch, torchvision, timm, lightly, lightning, cellpose, openslide, zarr, snakemake"
+	touch $@
+
+demo-data: setup
+	$(BIN)/python -m cellstage.demo resources/demo --preset demo --seed 0
+
+demo: setup demo-data
+	time $(SNAKEMAKE)
+	$(SNAKEMAKE) --report results/report.html
+	@echo "done: see results/report/ and results/report.html"
+
+report: setup
+	$(SNAKEMAKE) --report results/report.html
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-slurm: setup
+	$(BIN)/python -m pytest -m slurm tests/integration $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest tests/benchmarks -s $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/snakemake --lint
+
+clean-results:
+	rm -rf results .snakemake

@@ -1,0 +1,146 @@
+"""Small shared helpers: atomic outputs, seeding, provenance, logging to a file."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+log = logging.getLogger("cellstage")
+
+
+class CellstageError(RuntimeError):
+    """A user-facing error: the message names the file/field and what to fix."""
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, *, is_dir: bool | None = None):
+    """Yield a temporary sibling path; rename it onto ``final`` only if the block succeeds.
+
+    A killed or failing job therefore never leaves an output that looks finished.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    for f in files:
+        with open(f, "rb") as fh:
+            while b := fh.read(chunk):
+                h.update(b)
+    return h.hexdigest()
+
+
+def provenance(config: dict | None = None, inputs: list | None = None) -> dict:
+    """What made a result: package version, python, platform, config, input checksums."""
+    prov = {
+        "cellstage_version": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+    try:
+        import torch
+
+        prov["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if config is not None:
+        prov["config"] = config
+    if inputs:
+        prov["inputs"] = {str(p): file_sha256(p) for p in inputs if Path(p).exists()}
+    return prov
+
+
+def setup_logging(logfile: str | os.PathLike | None = None, level=logging.INFO) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logfile, mode="w"))
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+@contextlib.contextmanager
+def redirect_output(logfile: str | os.PathLike):
+    """Send this process's stdout/stderr (Python and C level) and logging to ``logfile``.
+
+    A Snakemake script's first act: every line a library prints ends up in the rule's log.
+    Exceptions are logged with their traceback before they propagate (non-zero exit).
+    """
+    logfile = Path(logfile)
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(logfile, "a", buffering=1) as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        setup_logging(None)
+        try:
+            yield
+        except BaseException:
+            log.exception("failed")
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
