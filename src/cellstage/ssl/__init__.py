@@ -1,0 +1,34 @@
+"""Self-supervised pretraining on unlabelled crops (seed 000: SimCLR, DINO, MAE).
+
+``METHODS[name]`` is a :class:`MethodSpec` with the LightningModule class and a transform
+factory ``make_transform(img_size, **overrides)`` (lightly transforms for the crop size).
+Entry point: :func:`cellstage.ssl.pretrain.pretrain`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import dino, mae, simclr
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    module: type
+    make_transform: Callable
+    vit_only: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {
+    "simclr": MethodSpec("simclr", simclr.SimCLR, simclr.make_transform),
+    "dino": MethodSpec("dino", dino.DINO, dino.make_transform),
+    "mae": MethodSpec("mae", mae.MAE, mae.make_transform, vit_only=True),
+}
+
+
+from .pretrain import pretrain  # noqa: E402  (the function shadows the submodule name)
+
+
+__all__ = ["METHODS", "MethodSpec", "pretrain"]

@@ -1,0 +1,69 @@
+"""Shared base of the SSL LightningModules: optimiser, epoch-loss history, checkpoint state."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+
+class SSLModule(L.LightningModule):
+    """Base class. Subclasses set ``self.backbone_model`` (the plain timm backbone whose weights
+    are exported) and implement ``training_step`` returning the loss.
+
+    Optimiser (seed 000 §4.3): AdamW; the learning rate is reduced by ``lr_factor`` (0.25) when
+    the monitored loss plateaus for ``lr_patience`` (10) epochs. Seed 000 monitors a validation
+    loss; here there is no labelled validation set inside pretraining, so the epoch-mean
+    training loss is monitored (documented deviation).
+    """
+
+    #: seed 000: 1e-3 (SimCLR, DINO), 1.5e-4 (MAE)
+    default_lr: float = 1e-3
+
+    def __init__(self, *, lr: float | None = None, weight_decay: float = 0.05, lr_factor: float = 0.25,
+                 lr_patience: int = 10) -> None:
+        super().__init__()
+        self.lr = float(lr if lr is not None else self.default_lr)
+        self.weight_decay = float(weight_decay)
+        self.lr_factor = float(lr_factor)
+        self.lr_patience = int(lr_patience)
+        self.history: list[dict] = []
+        self._epoch_losses: list[torch.Tensor] = []
+
+    # exported weights ---------------------------------------------------------------------
+    def export_backbone(self) -> nn.Module:
+        return self.backbone_model
+
+    # bookkeeping ----------------------------------------------------------------------------
+    def _record(self, loss: torch.Tensor, batch_size: int) -> None:
+        self._epoch_losses.append(loss.detach().float().cpu())
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=batch_size)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_losses = []
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_losses:
+            mean = float(torch.stack(self._epoch_losses).mean())
+            lr = float(self.optimizers().param_groups[0]["lr"]) if self.trainer is not None else self.lr
+            self.history.append({"epoch": int(self.current_epoch) + 1, "loss": mean, "lr": lr})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cellstage_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("cellstage_history", []))
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.lr_factor, patience=self.lr_patience
+        )
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "monitor": "train_loss", "interval": "epoch"}}
+
+
+def is_vit(backbone: str) -> bool:
+    return backbone.startswith(("vit", "deit"))

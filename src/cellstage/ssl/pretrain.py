@@ -1,0 +1,237 @@
+"""``pretrain``: one SSL run over all crops of some crop sources, with resume and atomic outputs.
+
+Outputs in ``out_dir`` (each written atomically, ``pretrain.json`` last, so its presence means
+the run finished):
+- ``backbone.safetensors`` — the timm backbone only (``num_classes=0``); load it with
+  ``load_weights(create_backbone(name, img_size=img_size), path)``;
+- ``history.csv`` (epoch, loss, lr), ``loss.png`` (curve), ``pretrain.json`` (summary,
+  config, provenance);
+- ``last.ckpt`` — Lightning checkpoint written every epoch; a rerun with the same ``out_dir``
+  resumes from it (the epoch counter continues; with ``epochs`` already reached nothing is
+  trained and the outputs are rewritten from the checkpoint).
+
+Cluster note: for single-device runs the trainer gets Lightning's plain ``LightningEnvironment``
+plugin, so a job started inside a SLURM allocation (``snakemake --profile slurm``) is not
+auto-detected as a SLURM multi-process launch (Lightning's ``SLURMEnvironment`` would otherwise
+read ``SLURM_NTASKS``/``SLURM_PROCID`` and may refuse or mis-rank the run, and installs its
+requeue signal handler). Multi-device runs keep Lightning's auto-detection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..utils import CellstageError, atomic_path, provenance, write_json
+
+log = logging.getLogger("cellstage.ssl")
+
+
+def _read_keep(keep) -> pd.DataFrame:
+    """Keep-lists -> frame (slide, cell_id, keep). Accepts a DataFrame, a path, or a list of them;
+    a file without a ``slide`` column (``results/grading/{slide}.parquet``) takes its slide from
+    the file name."""
+    items = keep if isinstance(keep, (list, tuple)) else [keep]
+    frames = []
+    for item in items:
+        if isinstance(item, pd.DataFrame):
+            df = item.copy()
+            where = "keep DataFrame"
+        else:
+            path = Path(item)
+            if not path.is_file():
+                raise CellstageError(f"keep-list not found: {path}")
+            df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+            where = str(path)
+            if "slide" not in df.columns:
+                df["slide"] = path.name.split(".")[0]
+        missing = {"slide", "cell_id", "keep"} - set(df.columns)
+        if missing:
+            raise CellstageError(f"{where}: keep-list lacks column(s) {sorted(missing)}")
+        frames.append(df[["slide", "cell_id", "keep"]])
+    out = pd.concat(frames, ignore_index=True)
+    out["slide"] = out["slide"].astype(str)
+    out["cell_id"] = out["cell_id"].astype("int64")
+    out["keep"] = out["keep"].astype(bool)
+    return out.drop_duplicates(["slide", "cell_id"], keep="last")
+
+
+def select_crops(index: pd.DataFrame, *, keep=None, max_crops: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Apply keep-lists (rows with keep False removed; rows not in any list are kept) and a
+    seeded random subset of ``max_crops`` rows (original order preserved)."""
+    if keep is not None:
+        kl = _read_keep(keep)
+        idx = index.assign(slide=index["slide"].astype(str), cell_id=index["cell_id"].astype("int64"))
+        merged = idx.merge(kl, on=["slide", "cell_id"], how="left")
+        index = index.loc[merged["keep"].fillna(True).astype(bool).to_numpy()]
+    if max_crops is not None and len(index) > max_crops:
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(index), size=int(max_crops), replace=False))
+        index = index.iloc[pick]
+    return index.reset_index(drop=True)
+
+
+def _plot(history: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    if len(history):
+        ax.plot(history["epoch"], history["loss"], marker="o", ms=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def pretrain(
+    method: str,
+    backbone: str,
+    sources: Sequence[tuple[str, str]],
+    out_dir: str | os.PathLike,
+    *,
+    img_size: int,
+    variant: str = "images",
+    epochs: int,
+    batch_size: int = 128,
+    lr: float | None = None,
+    seed: int = 0,
+    max_crops: int | None = None,
+    accelerator: str = "auto",
+    devices=1,
+    num_workers: int = 0,
+    keep=None,
+    progress: bool = True,
+    method_kwargs: dict | None = None,
+    transform_kwargs: dict | None = None,
+) -> dict:
+    """Self-supervised pretraining of ``backbone`` with ``method`` on all crops of ``sources``.
+
+    ``sources``: (crops zarr, index parquet) pairs (labels are ignored). ``keep``: optional
+    grading keep-lists (DataFrame(s) or parquet path(s) with slide, cell_id, keep). ``lr`` None
+    = the method's seed-000 default (1e-3 SimCLR/DINO, 1.5e-4 MAE). Returns the summary that is
+    also written to ``pretrain.json``.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+    from torch.utils.data import DataLoader
+
+    from ..backbones import save_weights
+    from ..train.data import ZarrCropDataset, load_index
+    from . import METHODS
+
+    if method not in METHODS:
+        raise CellstageError(f"pretrain: unknown method {method!r}; choose one of {sorted(METHODS)}")
+    spec = METHODS[method]
+    if spec.vit_only and not backbone.startswith(("vit", "deit")):
+        raise CellstageError(
+            f"pretrain: method {method!r} needs a Vision Transformer backbone, got {backbone!r} "
+            "(use e.g. vit_tiny_patch16_224 / vit_small_patch16_224, or simclr/dino for ResNets)"
+        )
+    if int(epochs) < 1:
+        raise CellstageError(f"pretrain: epochs must be >= 1, got {epochs}")
+    if not sources:
+        raise CellstageError("pretrain: no crop sources given")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    index = load_index(sources)
+    n_all = len(index)
+    index = select_crops(index, keep=keep, max_crops=max_crops, seed=seed)
+    if len(index) < 2:
+        raise CellstageError(
+            f"pretrain: only {len(index)} crop(s) left of {n_all} in {[s[1] for s in sources]} "
+            "(after keep-lists / max_crops); need at least 2"
+        )
+    transform = spec.make_transform(img_size, **(transform_kwargs or {}))
+    dataset = ZarrCropDataset(index, variant=variant, transform=transform)
+    crop_shape = tuple(dataset.image(0).shape)
+
+    L.seed_everything(seed, workers=True)
+    model = spec.module(backbone, img_size, lr=lr, **(method_kwargs or {}))
+    bs = int(min(batch_size, len(dataset)))
+    loader = DataLoader(
+        dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) > bs, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+    ckpt_cb = ModelCheckpoint(dirpath=str(out_dir), filename="epoch{epoch}", save_last=True, save_top_k=0,
+                              every_n_epochs=1, auto_insert_metric_name=False)
+    single = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    plugins = [LightningEnvironment()] if single else None
+    trainer = L.Trainer(
+        max_epochs=int(epochs), accelerator=accelerator, devices=devices, deterministic=True,
+        logger=False, callbacks=[ckpt_cb], plugins=plugins, default_root_dir=str(out_dir),
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    last = out_dir / "last.ckpt"
+    resumed_from = None
+    if last.is_file():
+        import torch
+
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        resumed_from = len(ck.get("cellstage_history", []))
+        del ck
+        log.info("resuming %s from %s (epoch %s)", method, last, resumed_from)
+    t_fit = time.perf_counter()
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
+    fit_seconds = time.perf_counter() - t_fit
+    if resumed_from is not None and resumed_from >= int(epochs):
+        # nothing trained: Lightning may not have restored the weights; load them explicitly
+        import torch
+
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["state_dict"])
+        model.on_load_checkpoint(state)
+
+    history = pd.DataFrame(model.history, columns=["epoch", "loss", "lr"])
+    epochs_run = len(history) - (resumed_from or 0)
+    config = {
+        "method": method, "backbone": backbone, "img_size": int(img_size), "variant": variant,
+        "epochs": int(epochs), "batch_size": bs, "lr": model.lr, "seed": int(seed), "max_crops": max_crops,
+        "accelerator": accelerator, "devices": devices, "num_workers": int(num_workers),
+        "keep_lists": keep is not None and not isinstance(keep, pd.DataFrame) and [str(k) for k in (
+            keep if isinstance(keep, (list, tuple)) else [keep]) if not isinstance(k, pd.DataFrame)] or None,
+        "method_kwargs": method_kwargs or {}, "transform_kwargs": transform_kwargs or {},
+        "hparams": {k: v for k, v in dict(model.hparams).items()},
+    }
+    save_weights(model.export_backbone(), out_dir / "backbone.safetensors",
+                 metadata={"method": method, "backbone": backbone, "img_size": img_size})
+    with atomic_path(out_dir / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    _plot(history, out_dir / "loss.png", f"{method} / {backbone} ({len(index)} crops)")
+    steps_per_epoch = len(loader)
+    summary = {
+        "method": method,
+        "backbone": backbone,
+        "img_size": int(img_size),
+        "crop_shape": list(crop_shape),
+        "epochs": int(len(history)),
+        "epochs_this_run": int(max(0, epochs_run)),
+        "resumed_from_epoch": resumed_from,
+        "n_crops": int(len(index)),
+        "n_crops_available": int(n_all),
+        "steps_per_epoch": int(steps_per_epoch),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds_per_epoch": round(fit_seconds / epochs_run, 3) if epochs_run > 0 else None,
+        "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
+        "device": str(trainer.strategy.root_device),
+        "config": config,
+        "provenance": provenance(inputs=[s[1] for s in sources]),
+    }
+    write_json(out_dir / "pretrain.json", summary)
+    return summary

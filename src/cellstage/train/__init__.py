@@ -1,0 +1,5 @@
+"""cellstage.train: fine-tuning of cell-stage classifiers with k-fold cross-validation."""
+
+from .cv import aggregate_folds, default_lr, make_folds, run_fold
+
+__all__ = ["aggregate_folds", "default_lr", "make_folds", "run_fold"]

@@ -1,0 +1,502 @@
+"""K-fold cross-validated fine-tuning (seed 000 §4.2) and aggregation of the folds.
+
+``run_fold`` trains on all folds but ``fold`` of the labelled train crops, validates on fold
+``fold`` every epoch, keeps the weights of the epoch with the lowest validation loss, and
+evaluates them on the validation fold and on the separate test slides. Outputs in ``out_dir``:
+
+* ``predictions.parquet`` — split, cell_id, slide, row, label_idx, label, pred, pred_label,
+  ``prob_<class>`` per class;
+* ``history.csv`` — epoch, train_loss, train_acc, val_loss, val_top1, lr (lr used in that epoch);
+* ``metrics.json`` — written last (a finished fold is one with metrics.json):
+  ``{"val", "test", "fold", "epochs", "best_epoch", "best_val_loss", "seconds",
+  "normalisation", "config", "provenance"}``; undefined metrics (NaN) are written as null.
+
+Resuming: while training, ``out_dir/checkpoints/last.ckpt`` (Lightning checkpoint: weights,
+optimiser, LR scheduler, epoch, and the best-epoch weights and history kept by callbacks) is
+replaced atomically after every epoch, next to ``checkpoints/config.json``. Rerunning
+``run_fold`` with the same arguments after a kill continues from it (``Trainer.fit(ckpt_path=)``);
+with other arguments it starts afresh. The checkpoint folder is deleted just before metrics.json
+is written. A resumed run is not bit-identical to an uninterrupted one (RNG state is not
+restored and Lightning does not step a plateau scheduler on the epoch it resumes from).
+
+Determinism: ``lightning.seed_everything(seed, workers=True)`` and ``Trainer(deterministic=True)``
+on CPU give identical results for identical arguments (``num_workers`` is part of the
+arguments: changing it changes the result). On CUDA, ``deterministic=None`` resolves to
+``"warn"`` because ``AdaptiveAvgPool2d``'s CUDA backward has no deterministic kernel.
+
+SLURM: with ``devices == 1`` the trainer gets ``LightningEnvironment()``, so Lightning does not
+auto-detect ``SLURMEnvironment`` inside a SLURM job (which would try to take over process
+ranks / requeueing); with more devices Lightning's own detection is left in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..metrics import compute_metrics
+from ..taxonomy import Taxonomy
+from ..utils import CellstageError, atomic_path, provenance, write_json
+
+log = logging.getLogger("cellstage.train")
+
+METRIC_KEYS = ("top1", "top2", "adj1", "adj1_dyn")
+
+
+# --------------------------------------------------------------------------- folds
+def make_folds(
+    index_df: pd.DataFrame,
+    n_folds: int = 5,
+    seed: int = 0,
+    group_col: str | None = None,
+) -> np.ndarray:
+    """Fold id (0..n_folds-1) per row; -1 for unlabelled rows (``label_idx < 0``).
+
+    Stratified by ``label_idx`` (``StratifiedKFold``, shuffled with ``seed``); with
+    ``group_col`` (e.g. "patient" or "slide") rows of one group stay in one fold
+    (``StratifiedGroupKFold``). The assignment does not depend on the row order of
+    ``index_df`` when it has ``slide`` and ``cell_id`` columns (rows are ordered by them first),
+    so all configurations of an experiment share the same folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if "label_idx" not in index_df.columns:
+        raise CellstageError("make_folds: index has no label_idx column")
+    if n_folds < 2:
+        raise CellstageError(f"n_folds must be >= 2, got {n_folds}")
+    folds = np.full(len(index_df), -1, dtype=np.int64)
+    labels = index_df["label_idx"].to_numpy()
+    pos = np.flatnonzero(labels >= 0)
+    if len(pos) < n_folds:
+        raise CellstageError(f"make_folds: {len(pos)} labelled rows cannot fill {n_folds} folds")
+    sub = index_df.iloc[pos]
+    if {"slide", "cell_id"} <= set(sub.columns):
+        order = np.lexsort((sub["cell_id"].to_numpy(), sub["slide"].astype(str).to_numpy()))
+    else:
+        order = np.arange(len(pos))
+    y = labels[pos][order]
+    X = np.zeros((len(y), 1))
+    if group_col is None:
+        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(X, y)
+    else:
+        if group_col not in index_df.columns:
+            raise CellstageError(f"make_folds: group column {group_col!r} not in index")
+        groups = sub[group_col].astype(str).to_numpy()[order]
+        if len(np.unique(groups)) < n_folds:
+            raise CellstageError(
+                f"make_folds: {len(np.unique(groups))} distinct {group_col!r} values cannot fill "
+                f"{n_folds} folds; use fewer folds or no grouping"
+            )
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(X, y, groups)
+    sorted_fold = np.empty(len(y), dtype=np.int64)
+    for k, (_, test_idx) in enumerate(splits):
+        sorted_fold[test_idx] = k
+    folds[pos[order]] = sorted_fold
+    return folds
+
+
+def default_lr(backbone: str) -> float:
+    """Seed 000: 1e-3, but 1e-4 for ViT-S and ViT-B."""
+    b = backbone.lower()
+    return 1e-4 if any(s in b for s in ("vit_small", "vit_base", "deit_small", "deit_base")) else 1e-3
+
+
+# ----------------------------------------------------------------------- callbacks
+def _callbacks():
+    import lightning as L
+
+    class History(L.Callback):
+        """Per-epoch row of losses, accuracy and learning rate; kept in checkpoints."""
+
+        def __init__(self):
+            self.rows: list[dict] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            m = trainer.callback_metrics
+
+            def f(key):
+                v = m.get(key)
+                return float(v) if v is not None else math.nan
+
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+            row = {
+                "epoch": int(trainer.current_epoch),
+                "train_loss": f("train_loss"),
+                "train_acc": f("train_acc"),
+                "val_loss": f("val_loss"),
+                "val_top1": f("val_acc"),
+                "lr": float(lr),
+            }
+            self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+
+        def state_dict(self):
+            return {"rows": self.rows}
+
+        def load_state_dict(self, state):
+            self.rows = list(state.get("rows", []))
+
+    class BestState(L.Callback):
+        """Weights of the epoch with the lowest validation loss (in memory and checkpoints)."""
+
+        def __init__(self):
+            self.best_loss = math.inf
+            self.best_epoch = -1
+            self.best_state = None
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            v = trainer.callback_metrics.get("val_loss")
+            if v is None:
+                return
+            v = float(v)
+            if v < self.best_loss or self.best_state is None:
+                self.best_loss, self.best_epoch = v, int(trainer.current_epoch)
+                self.best_state = {k: t.detach().cpu().clone() for k, t in pl_module.state_dict().items()}
+
+        def state_dict(self):
+            return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state}
+
+        def load_state_dict(self, state):
+            self.best_loss = float(state["best_loss"])
+            self.best_epoch = int(state["best_epoch"])
+            self.best_state = state["best_state"]
+
+    class AtomicLast(L.Callback):
+        """``last.ckpt`` after every epoch, replaced atomically (a kill never leaves half a file)."""
+
+        def __init__(self, path: Path, every: int = 1):
+            self.path = Path(path)
+            self.every = int(every)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            if self.every <= 0 or (trainer.current_epoch + 1) % self.every:
+                return
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            trainer.save_checkpoint(str(tmp), weights_only=False)
+            os.replace(tmp, self.path)
+
+    return History, BestState, AtomicLast
+
+
+# ------------------------------------------------------------------------ helpers
+def _nan_to_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _resolve_deterministic(deterministic, accelerator: str):
+    if deterministic is not None:
+        return deterministic
+    import torch
+
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return True if on_cpu else "warn"
+
+
+def _check_sources(sources, what: str) -> list[tuple[str, str]]:
+    out = []
+    for s in sources:
+        if len(s) != 2:
+            raise CellstageError(f"{what}_sources: expected (zarr, parquet) pairs, got {s!r}")
+        z, p = str(s[0]), str(s[1])
+        for f in (z, p):
+            if not Path(f).exists():
+                raise CellstageError(f"{what}_sources: {f} does not exist")
+        out.append((z, p))
+    return out
+
+
+# ------------------------------------------------------------------------- run_fold
+def run_fold(
+    train_sources: Sequence[tuple[str, str]],
+    test_sources: Sequence[tuple[str, str]],
+    out_dir: str | os.PathLike,
+    *,
+    fold: int,
+    n_folds: int = 5,
+    taxonomy: Taxonomy | None = None,
+    backbone: str = "resnet18",
+    img_size: int | None = None,
+    variant: str = "images",
+    use_distance: bool = False,
+    pretrained_path: str | os.PathLike | None = None,
+    epochs: int = 100,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    lr_patience: int = 10,
+    lr_factor: float = 0.5,
+    distance_dropout_p: float = 0.1,
+    group_col: str | None = None,
+    seed: int = 0,
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_workers: int = 0,
+    deterministic: bool | str | None = None,
+    checkpoint_every: int = 1,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train and evaluate fold ``fold``; write predictions, history and metrics.json into ``out_dir``.
+
+    ``img_size`` defaults to the crop size (a given value must equal it). Returns the
+    metrics.json content (with NaN instead of null). ``checkpoint_every``: write the resume
+    checkpoint every that many epochs (0: never; ~0.35 s and 180 MB for resnet18).
+    ``num_threads``: ``torch.set_num_threads`` for this process (e.g. Snakemake's ``{threads}``);
+    on shared CPUs an oversubscribed thread count is several times slower than one thread.
+    """
+    import lightning as L
+    import torch
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    from .classifier import CellClassifier
+    from .datamodule import CropDataModule
+
+    t0 = time.time()
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    taxonomy = taxonomy or Taxonomy()
+    out_dir = Path(out_dir)
+    train_sources = _check_sources(train_sources, "train")
+    test_sources = _check_sources(test_sources, "test")
+    if pretrained_path is not None:
+        pretrained_path = str(pretrained_path)
+        if not Path(pretrained_path).is_file():
+            raise CellstageError(f"pretrained_path: {pretrained_path} does not exist")
+    if epochs < 1:
+        raise CellstageError(f"epochs must be >= 1, got {epochs}")
+
+    config = {
+        "train_sources": [list(s) for s in train_sources],
+        "test_sources": [list(s) for s in test_sources],
+        "fold": int(fold),
+        "n_folds": int(n_folds),
+        "classes": list(taxonomy.classes),
+        "static": list(taxonomy.static),
+        "backbone": backbone,
+        "img_size": img_size,
+        "variant": variant,
+        "use_distance": bool(use_distance),
+        "pretrained_path": pretrained_path,
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "lr_patience": int(lr_patience),
+        "lr_factor": float(lr_factor),
+        "distance_dropout_p": float(distance_dropout_p),
+        "group_col": group_col,
+        "seed": int(seed),
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_workers": int(num_workers),
+        "num_threads": int(torch.get_num_threads()),  # changes results slightly
+        "deterministic": _resolve_deterministic(deterministic, accelerator),
+        "checkpoint_every": int(checkpoint_every),
+    }
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    dm = CropDataModule(
+        train_sources,
+        test_sources,
+        fold=fold,
+        n_folds=n_folds,
+        seed=seed,
+        group_col=group_col,
+        variant=variant,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
+    dm.setup("fit")
+    for what, idx in (("train", dm.train_index), ("test", dm.test_index)):
+        if len(idx) and int(idx["label_idx"].max()) >= taxonomy.n_classes:
+            raise CellstageError(
+                f"{what} crops have label_idx up to {int(idx['label_idx'].max())} but the taxonomy "
+                f"has {taxonomy.n_classes} classes"
+            )
+    h, w = dm.image_size
+    if img_size is None:
+        if h != w:
+            raise CellstageError(f"crops are {h}x{w}; pass img_size explicitly for non-square crops")
+        img_size = h
+    elif (h, w) != (img_size, img_size):
+        raise CellstageError(f"img_size={img_size} but the crops are {h}x{w} px")
+    config["img_size"] = int(img_size)
+
+    # fresh model after seeding: identical initial weights for identical arguments
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = CellClassifier(
+        backbone_name=backbone,
+        n_classes=taxonomy.n_classes,
+        img_size=img_size,
+        use_distance=use_distance,
+        pretrained_path=pretrained_path,
+        lr=lr,
+        weight_decay=weight_decay,
+        max_epochs=epochs,
+        lr_patience=lr_patience,
+        lr_factor=lr_factor,
+        distance_dropout_p=distance_dropout_p,
+    )
+
+    ck_dir = out_dir / "checkpoints"
+    last = ck_dir / "last.ckpt"
+    cfg_file = ck_dir / "config.json"
+    chash = _config_hash(config)
+    ckpt_path = None
+    if last.is_file():
+        try:
+            same = json.loads(cfg_file.read_text()).get("hash") == chash
+        except (OSError, ValueError):
+            same = False
+        if same:
+            ckpt_path = str(last)
+            log.info("fold %d: resuming from %s", fold, last)
+        else:
+            log.info("fold %d: %s is from other arguments; starting afresh", fold, last)
+    if ckpt_path is None:
+        shutil.rmtree(ck_dir, ignore_errors=True)
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cfg_file, {"hash": chash, "config": config})
+
+    History, BestState, AtomicLast = _callbacks()
+    history, best = History(), BestState()
+    det = _resolve_deterministic(deterministic, accelerator)
+    plugins = [LightningEnvironment()] if devices == 1 else None
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator=accelerator,
+            devices=devices,
+            deterministic=det,
+            plugins=plugins,
+            logger=False,
+            enable_checkpointing=False,  # our callbacks keep best weights and last.ckpt
+            callbacks=[history, best, AtomicLast(last, checkpoint_every)],
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=str(out_dir),
+        )
+        t_fit = time.time()
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        fit_seconds = time.time() - t_fit
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+    if best.best_state is None:
+        raise CellstageError(f"fold {fold}: no validation loss was recorded; nothing to evaluate")
+    model.load_state_dict(best.best_state)
+    model.to(trainer.strategy.root_device)
+
+    results, frames = {}, []
+    for split in ("val", "test"):
+        idx = dm.split_index(split)
+        if len(idx) == 0:
+            probs = np.zeros((0, taxonomy.n_classes))
+        else:
+            probs = model.predict_proba(dm.eval_dataloader(split)).double().numpy()
+        y = idx["label_idx"].to_numpy(dtype=np.int64)
+        results[split] = compute_metrics(y, probs, taxonomy)
+        pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+        df = pd.DataFrame(
+            {
+                "split": split,
+                "fold": int(fold),
+                "cell_id": idx["cell_id"].to_numpy(),
+                "slide": idx["slide"].astype(str).to_numpy(),
+                "row": idx["row"].to_numpy(),
+                "label_idx": y,
+                "label": [taxonomy.classes[i] for i in y],
+                "pred": pred.astype(np.int64),
+                "pred_label": [taxonomy.classes[i] for i in pred],
+            }
+        )
+        for c, name in enumerate(taxonomy.classes):
+            df[f"prob_{name}"] = probs[:, c].astype(np.float32)
+        frames.append(df)
+
+    with atomic_path(out_dir / "predictions.parquet") as tmp:
+        pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
+    with atomic_path(out_dir / "history.csv") as tmp:
+        pd.DataFrame(history.rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "lr"]).to_csv(
+            tmp, index=False
+        )
+
+    out = {
+        "val": results["val"],
+        "test": results["test"],
+        "fold": int(fold),
+        "epochs": int(trainer.current_epoch),
+        "best_epoch": int(best.best_epoch),
+        "best_val_loss": float(best.best_loss),
+        "n_train": int(len(dm.train_index)),
+        "seconds": round(time.time() - t0, 3),
+        "fit_seconds": round(fit_seconds, 3),
+        "resumed": ckpt_path is not None,
+        "normalisation": {"mean": dm.mean, "std": dm.std},
+        "config": config,
+        "provenance": provenance(),
+    }
+    shutil.rmtree(ck_dir, ignore_errors=True)
+    write_json(out_dir / "metrics.json", _nan_to_none(out))  # last: marks the fold finished
+    return out
+
+
+# ---------------------------------------------------------------------- aggregation
+def aggregate_folds(metric_json_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """One row per fold (``val_top1`` … ``test_adj1_dyn``, best_epoch, seconds) + mean and std.
+
+    ``experiment`` is the name of the folder above ``fold{k}/`` (results/finetune/{experiment}/
+    fold{k}/metrics.json); with several experiments, mean and std rows are per experiment.
+    std is the sample standard deviation (ddof=1) over folds.
+    """
+    rows = []
+    for p in metric_json_paths:
+        p = Path(p)
+        m = json.loads(p.read_text())
+        row = {"experiment": p.parent.parent.name, "fold": str(m.get("fold", p.parent.name))}
+        for split in ("val", "test"):
+            d = m.get(split) or {}
+            for k in METRIC_KEYS:
+                v = d.get(k)
+                row[f"{split}_{k}"] = float(v) if v is not None else math.nan
+            row[f"{split}_n"] = d.get("n", 0)
+        row["best_epoch"] = m.get("best_epoch", math.nan)
+        row["epochs"] = m.get("epochs", math.nan)
+        row["seconds"] = m.get("seconds", math.nan)
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    num = [c for c in df.columns if c not in ("experiment", "fold")]
+    out = []
+    for exp, g in df.groupby("experiment", sort=False):
+        g = g.sort_values("fold", key=lambda s: pd.to_numeric(s, errors="coerce"))
+        mean = {"experiment": exp, "fold": "mean", **g[num].astype(float).mean().to_dict()}
+        std = {"experiment": exp, "fold": "std", **g[num].astype(float).std(ddof=1).to_dict()}
+        out.append(pd.concat([g, pd.DataFrame([mean, std])], ignore_index=True))
+    return pd.concat(out, ignore_index=True)
+
