@@ -1,0 +1,28 @@
+# cellstage: whole-slide images -> single-cell classifications. This file only wires;
+# every stage lives in workflow/rules/, every algorithm in src/cellstage/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/register.smk"
+include: "workflow/rules/crops.smk"
+include: "workflow/rules/reduce.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

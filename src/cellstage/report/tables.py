@@ -1,0 +1,69 @@
+"""Paper-shaped result tables from the per-fold metric files (seed 000, Tables A.5-A.7 shape)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+METRICS = ("top1", "top2", "adj1", "adj1_dyn")
+METRIC_NAMES = {"top1": "Top-1", "top2": "Top-2", "adj1": "Adj-1", "adj1_dyn": "Adj-1 Dyn"}
+SPLITS = ("val", "test")
+
+
+def fold_table(metric_paths: Iterable[str | Path], experiments: Mapping[str, dict]) -> pd.DataFrame:
+    """One row per (experiment, fold, split) with the four metrics and the configuration columns.
+
+    The experiment and fold are read from the path ``.../{experiment}/fold{k}/metrics.json``.
+    """
+    rows = []
+    for p in metric_paths:
+        p = Path(p)
+        experiment, fold = p.parent.parent.name, int(p.parent.name.removeprefix("fold"))
+        data = json.loads(p.read_text())
+        for split in SPLITS:
+            if split not in data:
+                raise ValueError(f"{p}: no '{split}' metrics")
+            row = {"experiment": experiment, "fold": fold, "split": split}
+            row.update(experiments.get(experiment, {}))
+            row.update({m: float(data[split].get(m, np.nan)) for m in METRICS})
+            row["n"] = data[split].get("n")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_table(folds: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over folds: one row per experiment, columns ``{split}_{metric}_{mean|std}``."""
+    config_cols = [c for c in folds.columns if c not in {"fold", "split", "n", *METRICS}]
+    agg = folds.groupby(["experiment", "split"])[list(METRICS)].agg(["mean", "std"])
+    wide = agg.unstack("split")
+    wide.columns = [f"{split}_{metric}_{stat}" for metric, stat, split in wide.columns]
+    config = folds[config_cols].drop_duplicates("experiment").set_index("experiment")
+    ordered = [f"{s}_{m}_{st}" for s in SPLITS for m in METRICS for st in ("mean", "std")]
+    out = config.join(wide[ordered])
+    out.insert(0, "n_folds", folds.groupby("experiment")["fold"].nunique())
+    return out.reset_index()
+
+
+def best_experiment(summary: pd.DataFrame, metric: str = "top1", split: str = "val") -> str:
+    """The configuration with the best mean ``metric`` on ``split`` (ties: first in order)."""
+    col = f"{split}_{metric}_mean"
+    return str(summary.loc[summary[col].idxmax(), "experiment"])
+
+
+def markdown_table(summary: pd.DataFrame, *, best: str | None = None) -> str:
+    """Percentages as "mean ± std", validation then test, like the paper's appendix tables."""
+    head = ["Configuration"] + [f"{s} {METRIC_NAMES[m]}" for s in SPLITS for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, row in summary.iterrows():
+        name = row["experiment"] + (" **(best)**" if row["experiment"] == best else "")
+        cells = [name]
+        for s in SPLITS:
+            for m in METRICS:
+                mean, std = row[f"{s}_{m}_mean"], row[f"{s}_{m}_std"]
+                cells.append("–" if pd.isna(mean) else f"{100 * mean:.1f} ± {100 * (0 if pd.isna(std) else std):.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

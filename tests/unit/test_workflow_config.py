@@ -1,0 +1,98 @@
+"""The workflow's config, schemas, sheet and pinned environments agree with each other."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO / "workflow/schemas"
+
+
+def load_config() -> dict:
+    return yaml.safe_load((REPO / "config/config.yaml").read_text())
+
+
+def test_default_config_is_valid():
+    validate(load_config(), str(SCHEMAS / "config.schema.yaml"))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        (("registration", "ransac_threshold"), -1),
+        (("finetune", "n_folds"), 1),
+        (("segmentation", "method"), "stardist"),
+        (("grading", "threshold"), 2),
+        (("finetune", "grid"), {"init": ["imagenet21k"]}),
+    ],
+)
+def test_bad_config_value_is_rejected_naming_the_field(key, value):
+    config = copy.deepcopy(load_config())
+    node = config
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    with pytest.raises(WorkflowError) as err:
+        validate(config, str(SCHEMAS / "config.schema.yaml"))
+    assert key[-1] in str(err.value) or str(value) in str(err.value)
+
+
+def test_static_classes_in_config_are_known_classes():
+    from cellstage.taxonomy import Taxonomy
+
+    config = load_config()
+    tax = Taxonomy(tuple(config["classes"]), tuple(config["static_classes"]))
+    assert tax.dynamic == ("Spg Ad", "Spg", "Pl-Z", "P", "rsptd", "esptd")
+    with pytest.raises(ValueError, match="static_classes"):
+        Taxonomy(("A", "B"), ("C",))
+
+
+def test_demo_sheet_is_valid():
+    sheet = pd.read_csv(REPO / "config/slides.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet = sheet.replace({"": None})
+    sheet["mpp"] = pd.to_numeric(sheet["mpp"])
+    sheet = sheet.astype(object).where(pd.notna(sheet), None)
+    validate(sheet, str(SCHEMAS / "slides.schema.yaml"))
+    assert set(sheet["split"]) == {"train", "test", "unlabelled"}
+    assert set(sheet["scan"]) == set(load_config()["scans"])
+
+
+def _pins(lines) -> dict[str, str]:
+    out = {}
+    for line in lines:
+        line = line.strip().lstrip("- ").strip()
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            out[name.lower()] = version
+    return out
+
+
+def test_rule_environments_agree_with_project_pins():
+    project = _pins((REPO / "requirements.txt").read_text().splitlines())
+    envs = sorted((REPO / "workflow/envs").glob("*.yaml"))
+    assert {e.stem for e in envs} >= {"io", "seg", "ml", "report"}
+    for env in envs:
+        pins = _pins(env.read_text().splitlines())
+        assert pins, f"{env} pins nothing"
+        for name, version in pins.items():
+            assert project.get(name) == version, f"{env.name}: {name}=={version} but requirements.txt has {project.get(name)}"
+
+
+def test_every_rule_declares_log_and_conda():
+    import re
+
+    for smk in (REPO / "workflow/rules").glob("*.smk"):
+        text = smk.read_text()
+        for rule in re.split(r"\n(?=rule |checkpoint )", text):
+            if not rule.startswith(("rule ", "checkpoint ")):
+                continue
+            name = rule.split()[1].rstrip(":")
+            assert "\n    log:" in rule, f"{smk.name}: rule {name} has no log"
+            assert "\n    conda:" in rule, f"{smk.name}: rule {name} has no conda env"

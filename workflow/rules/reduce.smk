@@ -1,0 +1,50 @@
+rule train_grader:
+    """ResNet18 grading network on expert quality grades 1-4 (useful) vs 5-6 (unsuitable), seed 003."""
+    input:
+        unpack(grader_inputs),
+    output:
+        model=directory("results/grader"),
+    params:
+        grading=config["grading"],
+        size=config["scans"][REF_SCAN]["crop_size"],
+        seed=config["seed"],
+    log:
+        "results/logs/train_grader.log",
+    benchmark:
+        "results/benchmarks/train_grader.tsv"
+    threads: 2
+    resources:
+        mem_mb=scaled(6000),
+        runtime=scaled(120),
+        gpu=GPU,
+        cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
+    conda:
+        "../envs/ml.yaml"
+    script:
+        "../scripts/train_grader.py"
+
+
+rule grade:
+    """Grading network applied to every crop of a reference slide: P(unsuitable) and a keep flag."""
+    input:
+        model="results/grader",
+        zarr="results/crops/{ref_slide}.zarr",
+        index="results/crops/{ref_slide}.parquet",
+    output:
+        grading="results/grading/{ref_slide}.parquet",
+    params:
+        threshold=config["grading"].get("threshold", 0.5),
+    log:
+        "results/logs/grade/{ref_slide}.log",
+    benchmark:
+        "results/benchmarks/grade/{ref_slide}.tsv"
+    threads: 2
+    resources:
+        mem_mb=scaled(4000),
+        runtime=scaled(60),
+        gpu=GPU,
+        cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
+    conda:
+        "../envs/ml.yaml"
+    script:
+        "../scripts/grade.py"

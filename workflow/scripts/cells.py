@@ -1,0 +1,15 @@
+from cellstage import stages
+from cellstage.utils import redirect_output
+
+with redirect_output(snakemake.log[0]):
+    stages.cells(
+        snakemake.input.labels,
+        snakemake.input.slide,
+        snakemake.input.tubules,
+        snakemake.input.points[0] if snakemake.input.points else None,
+        snakemake.output.cells,
+        geojson=snakemake.output.geojson,
+        slide_id=snakemake.wildcards.ref_slide,
+        classes=snakemake.params.classes,
+        match_radius_px=snakemake.params.match_radius_px,
+    )
