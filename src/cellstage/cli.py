@@ -136,6 +136,74 @@ def crops(slide: Path, labels: Path, cells_table: Path, out_zarr: Path, out_inde
          classes=_config(config)["classes"])
 
 
+@app.command("train-grader")
+def train_grader(
+    out_dir: Path,
+    slides: Annotated[list[Path], typer.Option("--slide", help="converted slide (.ome.zarr); repeat")],
+    grades: Annotated[list[Path], typer.Option("--grades", help="CSV x,y,grade per slide; repeat")],
+    size: int = 80,
+    config: ConfigOpt = Path("config/config.yaml"),
+):
+    """Train the grading network (seed 003) on expert quality grades."""
+    from . import stages
+
+    cfg = _config(config)
+    _run(stages.train_grader, slides, grades, out_dir, grading=cfg.get("grading", {}), size=size,
+         seed=cfg.get("seed", 0))
+
+
+@app.command()
+def grade(model_dir: Path, crops_zarr: Path, crops_index: Path, out: Path, threshold: float = 0.5):
+    """Apply the grading network to a slide's crops -> keep-list."""
+    from . import stages
+
+    _run(lambda: {"kept": int(stages.grade(model_dir, crops_zarr, crops_index, out, threshold=threshold)["keep"].sum())})
+
+
+@app.command()
+def pretrain(
+    run: str = typer.Argument(..., help="{method}-{backbone}-{scan}, e.g. simclr-resnet18-40x"),
+    out_dir: Path = typer.Argument(...),
+    zarr: Annotated[list[Path], typer.Option("--zarr", help="crops zarr; repeat")] = (),
+    index: Annotated[list[Path], typer.Option("--index", help="crops index parquet, same order; repeat")] = (),
+    grading: Annotated[list[Path], typer.Option("--grading", help="grading keep-list parquet; repeat")] = (),
+    config: ConfigOpt = Path("config/config.yaml"),
+):
+    """Self-supervised pretraining on unlabelled crops."""
+    from . import stages
+
+    cfg = _config(config)
+    _run(stages.pretrain, run, list(zarr), list(index), list(grading), out_dir / "backbone.safetensors",
+         pretrain=cfg.get("pretrain", {}), scans=cfg["scans"], seed=cfg.get("seed", 0))
+
+
+@app.command()
+def finetune(
+    out_dir: Path,
+    fold: int,
+    train_zarr: Annotated[list[Path], typer.Option("--train-zarr")],
+    train_index: Annotated[list[Path], typer.Option("--train-index")],
+    test_zarr: Annotated[list[Path], typer.Option("--test-zarr")] = (),
+    test_index: Annotated[list[Path], typer.Option("--test-index")] = (),
+    scan: str = "40x",
+    backbone: str = "resnet18",
+    background: bool = True,
+    distance: bool = False,
+    pretrained: Optional[Path] = None,
+    config: ConfigOpt = Path("config/config.yaml"),
+):
+    """One cross-validation fold: train on the other folds, evaluate on this fold and the test slides."""
+    from . import stages
+
+    cfg = _config(config)
+    experiment = dict(scan=scan, backbone=backbone, background=background, distance=distance,
+                      init="pretrained" if pretrained else "scratch")
+    _run(stages.finetune, train=list(zip(train_zarr, train_index)), test=list(zip(test_zarr, test_index)),
+         pretrained=str(pretrained) if pretrained else None, out_metrics=out_dir / "metrics.json", fold=fold,
+         experiment=experiment, finetune=cfg.get("finetune", {}), scans=cfg["scans"], classes=cfg["classes"],
+         static_classes=cfg["static_classes"], seed=cfg.get("seed", 0))
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()
