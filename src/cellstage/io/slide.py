@@ -100,6 +100,15 @@ def _check_tiff_integrity(path: Path) -> dict:
             for page in pages:
                 if not hasattr(page, "dataoffsets"):
                     continue
+                # A zero-size page is never valid TIFF (ImageWidth/ImageLength >= 1). The backends
+                # disagree on it (OpenSlide hides the level, tiffslide/tifffile skip it), so the
+                # slide's pyramid would differ by backend: name the problem instead.
+                pw, ph = int(getattr(page, "imagewidth", 1)), int(getattr(page, "imagelength", 1))
+                if pw <= 0 or ph <= 0:
+                    raise CellstageError(
+                        f"{path}: corrupt file: page {page.index} (pyramid level) has zero size "
+                        f"{pw}x{ph}"
+                    )
                 offs = np.asarray(page.dataoffsets, dtype=np.int64)
                 cnts = np.asarray(page.databytecounts, dtype=np.int64)
                 if offs.size and int((offs + cnts).max()) > size:
