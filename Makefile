@@ -51,7 +51,8 @@ test-fast: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 test-slurm: setup
-	$(BIN)/python -m pytest -m slurm tests/integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slurm -rA tests/integration $(PYTEST_ARGS); status=$$?; \
+	  if [ "$$(id -u)" -eq 0 ]; then .ci/slurm/stop-cluster.sh 2>/dev/null; fi; exit $$status
 
 bench: setup
 	$(BIN)/python -m pytest tests/benchmarks -s $(PYTEST_ARGS)

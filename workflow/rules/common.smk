@@ -167,7 +167,9 @@ def mapped_cells_inputs(wildcards):
 
 def slide_meta(wildcards):
     row = slides.loc[wildcards.slide]
-    return dict(section=row["section"], scan=row["scan"], patient=row["patient"], split=row["split"])
+    return dict(
+        slide=wildcards.slide, section=row["section"], scan=row["scan"], patient=row["patient"], split=row["split"]
+    )
 
 
 def grader_inputs(wildcards):
