@@ -69,7 +69,7 @@ def train_segmenter(slide_paths, mask_paths, out_model, *, seg: Mapping, seed: i
         masks,
         out_model,
         pretrained=seg.get("pretrained"),
-        epochs=int(seg.get("epochs") or 100),
+        epochs=int(seg.get("epochs") or 200),
         learning_rate=float(seg.get("learning_rate") or 0.005),
         diameter=seg.get("diameter"),
         seed=seed,

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 TINY_OVERRIDES = {
-    "segmentation": {"epochs": 60},
+    "segmentation": {"epochs": 150},
     "grading": {"epochs": 2},
     "pretrain": {"epochs": 2, "batch_size": 64},
     "finetune": {
