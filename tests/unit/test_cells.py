@@ -86,12 +86,19 @@ def test_cell_table_columns_dtypes_and_blockwise_equals_whole():
         assert (row.bbox_y0, row.bbox_x0, row.bbox_y1, row.bbox_x1) == r.bbox
         assert row.compactness == pytest.approx(4 * math.pi * r.area / r.perimeter**2)
         assert row.area_um2 == pytest.approx(r.area * 0.17**2)
+        assert row.perimeter_um == pytest.approx(r.perimeter * 0.17)
         assert row.roi_id == ("t1" if row.centroid_x < 350 else "t2")
         poly = dict(rois)[row.roi_id]
         d = poly.exterior.distance(Point(row.centroid_x, row.centroid_y))
         assert row.distance_to_wall_px == pytest.approx(d)
         assert row.distance_to_wall_um == pytest.approx(d * 0.17)
     assert (whole.label == "").all() and (whole.slide == "s1").all()
+    # the list: id, centroid, bbox, area, perimeter, compactness, ROI id, distance to the
+    # wall and its normalisation; lengths/areas in µm as well as px
+    for c in ("cell_id", "centroid_x", "centroid_y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
+              "area_px", "area_um2", "perimeter_px", "perimeter_um", "compactness", "roi_id",
+              "distance_to_wall_px", "distance_to_wall_um", "distance_norm"):
+        assert c in whole.columns, c
 
 
 def test_cell_table_on_zarr_and_roi_filter(tmp_path):

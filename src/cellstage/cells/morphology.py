@@ -35,7 +35,7 @@ COLUMNS = {
     "cell_id": "int64", "slide": "object", "centroid_x": "float64", "centroid_y": "float64",
     "bbox_x0": "int64", "bbox_y0": "int64", "bbox_x1": "int64", "bbox_y1": "int64",
     "area_px": "int64", "perimeter_px": "float64", "compactness": "float64",
-    "area_um2": "float64", "roi_id": "object", "distance_to_wall_px": "float64",
+    "area_um2": "float64", "perimeter_um": "float64", "roi_id": "object", "distance_to_wall_px": "float64",
     "distance_to_wall_um": "float64", "distance_norm": "float64", "label": "object",
 }
 
@@ -205,6 +205,7 @@ def cell_table(labels, rois, *, mpp: float, slide: str, points: pd.DataFrame | N
     with np.errstate(divide="ignore", invalid="ignore"):
         df["compactness"] = np.where(P > 0, 4 * math.pi * A / P**2, np.nan)
     df["area_um2"] = A * mpp * mpp
+    df["perimeter_um"] = P * mpp
     df["roi_id"] = ""
     df["distance_to_wall_px"] = np.nan
     df["distance_norm"] = np.nan

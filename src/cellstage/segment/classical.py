@@ -82,3 +82,43 @@ def segment_classical(
     lab = _drop_small(lab, min_area)
     lab, _, _ = relabel_sequential(lab)
     return lab.astype(np.uint32)
+
+
+def slide_threshold(slide, rois, cells, tile: int, *, max_windows: int = 16,
+                    min_threshold: float = 0.05, sigma: float = 1.0) -> float:
+    """One haematoxylin threshold for a whole slide: Otsu over up to ``max_windows`` tile cores
+    (evenly spread over ``cells``, the (x0, y0) of the tile grid) restricted to the ROIs.
+
+    Per-tile Otsu would let neighbouring tiles disagree about the same nucleus (and make the
+    tiled result depend on the tiling); one slide-level threshold keeps every tile consistent.
+    """
+    import shapely
+    from skimage.draw import polygon as draw_polygon
+
+    W, H = (int(v) for v in slide.dimensions)
+    if not cells:
+        return float(min_threshold)
+    pick = np.unique(np.linspace(0, len(cells) - 1, min(max_windows, len(cells))).round().astype(int))
+    vals = []
+    for k in pick:
+        x0, y0 = cells[k]
+        w, h = min(tile, W - x0), min(tile, H - y0)
+        rgb = np.asarray(slide.read_region(x0, y0, w, h, level=0))[..., :3]
+        hem = haematoxylin(rgb, sigma=sigma)
+        inside = np.zeros((h, w), bool)
+        win = shapely.box(x0, y0, x0 + w, y0 + h)
+        for _, poly in rois:
+            part = poly.intersection(win)
+            for g in getattr(part, "geoms", [part]):
+                if g.is_empty or g.geom_type != "Polygon":
+                    continue
+                xy = np.asarray(g.exterior.coords)
+                rr, cc = draw_polygon(xy[:, 1] - y0, xy[:, 0] - x0, shape=(h, w))
+                inside[rr, cc] = True
+        vals.append(hem[inside] if inside.any() else hem.ravel())
+    v = np.concatenate(vals)
+    try:
+        t = float(threshold_otsu(v))
+    except ValueError:
+        t = min_threshold
+    return max(t, float(min_threshold))

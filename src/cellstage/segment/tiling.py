@@ -3,8 +3,8 @@
 Tiling
     A global grid of ``tile`` x ``tile`` *cores* (origin 0, 0) over level 0; only cores that
     intersect a ROI polygon are processed (STRtree query). Each core is read with ``overlap``
-    px of context on every side; where that window leaves the slide, the white padding of
-    ``read_region`` is replaced by a mirror image of the inside (see ``_mirror_outside``).
+    px of context on every side, the window clipped to the slide bounds (edge tiles are
+    smaller; no padding pixels are segmented).
 
 Stitching (no split, no duplicate)
     From each tile the segmenter's objects are kept when their centroid lies inside the core
@@ -210,21 +210,6 @@ def _object_table(lab: np.ndarray):
     return ids, com[:, 0], com[:, 1], areas, sl
 
 
-def _mirror_outside(rgb: np.ndarray, rx: int, ry: int, W: int, H: int) -> np.ndarray:
-    """Replace the white padding outside the slide by a mirror image of the inside.
-
-    An artificial white band changes Cellpose's per-tile intensity normalisation (and can
-    create edge objects); mirroring keeps edge tiles looking like the inside.
-    """
-    h, w = rgb.shape[:2]
-    y0, x0 = max(0, -ry), max(0, -rx)
-    y1, x1 = min(h, H - ry), min(w, W - rx)
-    if (y0, x0, y1, x1) == (0, 0, h, w) or y1 <= y0 or x1 <= x0:
-        return rgb
-    inner = rgb[y0:y1, x0:x1]
-    return np.pad(inner, ((y0, h - y1), (x0, w - x1), (0, 0)), mode="symmetric")
-
-
 def segment_slide(
     slide,
     rois,
@@ -265,9 +250,7 @@ def segment_slide(
     if segmenter is not None:
         seg, name = segmenter, getattr(segmenter, "name", "custom")
     elif classical:
-        from .classical import segment_classical
-
-        seg, name = segment_classical, "classical"
+        seg, name = None, "classical"  # threshold estimated once per slide, after the tile grid
     else:
         from .cellpose_seg import CellposeSegmenter
 
@@ -282,6 +265,15 @@ def segment_slide(
         shapely.prepare(p)
     tree = shapely.STRtree(polys) if polys else None
     cells = tile_grid(rois, (W, H), tile, margin)
+    extra = {}
+    if segmenter is None and classical:
+        from functools import partial
+
+        from .classical import segment_classical, slide_threshold
+
+        thr = slide_threshold(slide, rois, cells, tile)
+        extra["classical_threshold"] = round(thr, 6)
+        seg, name = partial(segment_classical, threshold=thr), f"classical (threshold {thr:.3f})"
     next_id = 1
     n_dup = n_out = 0
     mp = core_mp = 0.0
@@ -295,10 +287,11 @@ def segment_slide(
         if cur_row is not None and y0 != cur_row:
             store.release_above(y0 - overlap)
         cur_row = y0
-        rx, ry = x0 - overlap, y0 - overlap
-        rw = rh = tile + 2 * overlap
+        # read window = core + overlap, clipped to the slide (no padding: Cellpose takes any size)
+        rx, ry = max(x0 - overlap, 0), max(y0 - overlap, 0)
+        rw = min(x0 + tile + overlap, W) - rx
+        rh = min(y0 + tile + overlap, H) - ry
         rgb = np.asarray(slide.read_region(rx, ry, rw, rh, level=0))[..., :3]
-        rgb = _mirror_outside(rgb, rx, ry, W, H)
         mp += rw * rh / 1e6
         core_mp += (min(x0 + tile, W) - x0) * (min(y0 + tile, H) - y0) / 1e6
         lab = np.asarray(seg(rgb))
@@ -367,6 +360,7 @@ def segment_slide(
         "n_outside_roi_dropped": n_out,
         "tile": tile,
         "overlap": overlap,
+        **extra,
     }
     log.info("segmentation: %d nuclei in %d tiles, %.1f MP in %.1f s (%.3f MP/s)",
              stats["n_nuclei"], len(cells), mp, secs, stats["mp_per_s"] or 0)
