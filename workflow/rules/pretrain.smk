@@ -17,6 +17,8 @@ rule pretrain:
     benchmark:
         "results/benchmarks/pretrain/{run}.tsv"
     threads: 2
+    # the fine-tuning folds of every pretrained configuration wait for it: start it first
+    priority: 10
     resources:
         mem_mb=scaled(8000),
         runtime=scaled(720),
