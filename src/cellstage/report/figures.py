@@ -36,7 +36,9 @@ def metric_boxplots(folds: pd.DataFrame, path, metrics=("top1", "adj1", "adj1_dy
                 folds.loc[(folds.experiment == e) & (folds.split == split), metric].dropna().to_numpy()
                 for e in experiments
             ]
-            ax.boxplot(data, orientation="horizontal", tick_labels=experiments, showmeans=True)
+            positions = list(range(1, len(experiments) + 1))
+            ax.boxplot(data, positions=positions, orientation="horizontal", showmeans=True)
+            ax.set_yticks(positions, experiments if j == 0 else [""] * len(experiments))
             if chance is not None and metric == "top1":
                 ax.axvline(chance, color="grey", linestyle=":", label="chance")
             ax.set_title(f"{split} {METRIC_NAMES[metric]}")
