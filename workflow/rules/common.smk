@@ -74,20 +74,15 @@ def _ref_slide_of(section):
 
 # --- experiments: the cross product of config finetune.grid --------------------------------
 def _experiments():
-    grid = {
-        "scan": ["40x"],
-        "background": [True],
-        "backbone": ["resnet18"],
-        "init": ["scratch", "simclr"],
-        "distance": [False],
-    }
-    grid.update(config["finetune"].get("grid", {}))
+    grid = config["finetune"]["grid"]  # every key filled from the schema defaults by validate()
     out = {}
     for scan, bg, backbone, init, dist in itertools.product(
         grid["scan"], grid["background"], grid["backbone"], grid["init"], grid["distance"]
     ):
         if scan not in config["scans"]:
             raise ValueError(f"config finetune.grid.scan: {scan!r} is not a key of config 'scans'")
+        if init == "mae" and not backbone.startswith(("vit", "deit")):
+            raise ValueError(f"config finetune.grid: init 'mae' needs a ViT backbone, not {backbone!r}")
         name = f"{scan}-{'bg' if bg else 'nobg'}-{backbone}-{init}-{'dist' if dist else 'nodist'}"
         out[name] = dict(scan=scan, background=bg, backbone=backbone, init=init, distance=dist)
     return out
