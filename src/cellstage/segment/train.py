@@ -15,10 +15,12 @@ Keep ``epochs`` > 100.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -98,6 +100,215 @@ def split_tiles(images, masks, tile_size: int = 256, min_objects: int = 1):
     return out_i, out_m
 
 
+CHECKPOINT_SUFFIX = ".ckpt"
+_CKPT_GLOB = "epoch-*.pt"
+
+
+def lr_schedule(learning_rate: float, n_epochs: int) -> np.ndarray:
+    """cellpose 3.1 ``train_seg``'s per-epoch learning rates (warm-up 10 epochs; halvings at the end)."""
+    LR = np.linspace(0, learning_rate, 10)
+    LR = np.append(LR, learning_rate * np.ones(max(0, n_epochs - 10)))
+    if n_epochs > 300:
+        LR = LR[:-100]
+        for _ in range(10):
+            LR = np.append(LR, LR[-1] / 2 * np.ones(10))
+    elif n_epochs > 100:
+        LR = LR[:-50]
+        for _ in range(10):
+            LR = np.append(LR, LR[-1] / 2 * np.ones(5))
+    return LR
+
+
+def _fingerprint(net, data, labels, args: dict) -> str:
+    """Hash of everything that decides the result: arguments, data, initial weights, versions."""
+    import cellpose
+    import torch
+
+    h = hashlib.sha256()
+    h.update(json.dumps({**args, "cellpose": getattr(cellpose, "version", "?"),
+                         "torch": torch.__version__}, sort_keys=True, default=str).encode())
+    for a in (*data, *labels):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    for k, v in net.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint files in ``ckpt_dir``, newest epoch first."""
+    return sorted(ckpt_dir.glob(_CKPT_GLOB), reverse=True) if ckpt_dir.is_dir() else []
+
+
+def _save_checkpoint(ckpt_dir: Path, state: dict) -> Path:
+    """Write ``epoch-NNNNN.pt`` atomically (temp file, fsync, rename), then drop older ones."""
+    import torch
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"epoch-{state['epoch']:05d}.pt"
+    tmp = ckpt_dir / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for old in _checkpoints(ckpt_dir):
+        if old != final:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def _load_checkpoint(ckpt_dir: Path, fingerprint: str) -> dict | None:
+    """The newest readable checkpoint made with the same ``fingerprint``, else None (logged)."""
+    import torch
+
+    for p in _checkpoints(ckpt_dir):
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a damaged file must not stop training
+            log.warning("ignoring unreadable checkpoint %s (%s)", p, e)
+            continue
+        if state.get("fingerprint") != fingerprint:
+            log.warning("ignoring checkpoint %s: it was made with other arguments, data or initial "
+                        "weights (training starts over)", p)
+            return None
+        return state
+    return None
+
+
+def fit_cellpose(
+    net,
+    train_data,
+    train_labels,
+    *,
+    n_epochs: int,
+    learning_rate: float = 0.005,
+    batch_size: int = 8,
+    weight_decay: float = 1e-5,
+    channels=None,
+    normalize=True,
+    nimg_per_epoch: int | None = None,
+    rescale: bool = True,
+    scale_range: float | None = None,
+    bsize: int = 224,
+    min_train_masks: int = 5,
+    checkpoint_dir=None,
+    fingerprint_extra: dict | None = None,
+    log_every: int = 10,
+) -> dict:
+    """``cellpose.train.train_seg`` (3.1, AdamW, no test set), step for step, resumable.
+
+    Same data preparation (``_process_train_test``), per-epoch ``np.random.seed(epoch)``,
+    image sampling, ``random_rotate_and_resize`` augmentation, loss, learning-rate schedule
+    and AdamW settings as the library function, so on CPU the weights are bit-identical to
+    ``train_seg`` with the same arguments (tested). In addition, when ``checkpoint_dir`` is
+    given, the network and optimizer state, the epoch and the losses are written there
+    atomically after every epoch (``epoch-NNNNN.pt``, the previous one is then removed), and a
+    rerun with the same arguments, data and initial weights continues after the last saved
+    epoch; because the sampling and augmentation of an epoch depend only on its number, the
+    resumed result equals an uninterrupted run (same device and thread count). A checkpoint
+    from other arguments is ignored (and logged). The caller removes ``checkpoint_dir`` once
+    the result is safely stored. The net is trained in place; ``net.diam_labels`` is set to
+    the training masks' mean diameter as ``train_seg`` does.
+
+    Returns {"train_losses": array (n_epochs,), "resumed_from_epoch": epoch index training
+    continued at (None when it started afresh), "n_train": images used}.
+    """
+    import torch
+    from cellpose import models, transforms
+    from cellpose import train as cp_train
+
+    n_epochs = int(n_epochs)
+    device = net.device
+    scale_range = (0.5 if rescale else 1.0) if scale_range is None else scale_range
+    if isinstance(normalize, dict):
+        normalize_params = {**models.normalize_default, **normalize}
+    elif isinstance(normalize, bool):
+        normalize_params = {**models.normalize_default, "normalize": normalize}
+    else:
+        raise ValueError("normalize parameter must be a bool or a dict")
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = None
+    if ckpt_dir is not None:
+        args = dict(n_epochs=n_epochs, learning_rate=learning_rate, batch_size=batch_size,
+                    weight_decay=weight_decay, channels=channels, normalize=normalize_params,
+                    nimg_per_epoch=nimg_per_epoch, rescale=rescale, scale_range=scale_range,
+                    bsize=bsize, min_train_masks=min_train_masks, device=str(device),
+                    extra=fingerprint_extra)
+        fingerprint = _fingerprint(net, train_data, train_labels, args)
+
+    # cellpose relabels the label arrays in place: work on copies, the caller's stay untouched
+    train_labels = [np.array(m, copy=True) for m in train_labels]
+    out = cp_train._process_train_test(
+        train_data=train_data, train_labels=train_labels, load_files=True,
+        min_train_masks=min_train_masks, compute_flows=False, channels=channels,
+        channel_axis=None, rgb=False, normalize_params=normalize_params, device=device)
+    (train_data, train_labels, _, _, train_probs, diam_train, *_, normed) = out
+    kwargs = {} if normed else {"normalize_params": normalize_params, "channels": channels,
+                                "channel_axis": None, "rgb": False}
+    net.diam_labels.data = torch.Tensor([diam_train.mean()]).to(device)
+    nimg = len(train_data)
+    nimg_per_epoch = nimg if nimg_per_epoch is None else int(nimg_per_epoch)
+    LR = lr_schedule(learning_rate, n_epochs)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    train_losses = np.zeros(n_epochs)
+
+    start, resumed = 0, None
+    if ckpt_dir is not None:
+        state = _load_checkpoint(ckpt_dir, fingerprint)
+        if state is not None:
+            net.load_state_dict(state["net"])
+            optimizer.load_state_dict(state["optimizer"])
+            train_losses[:] = state["train_losses"]
+            start = resumed = int(state["epoch"]) + 1
+            log.info("resuming Cellpose training after epoch %d of %d (checkpoint in %s)",
+                     start, n_epochs, ckpt_dir)
+
+    t0 = time.time()
+    for iepoch in range(start, n_epochs):
+        np.random.seed(iepoch)
+        if nimg != nimg_per_epoch:
+            rperm = np.random.choice(np.arange(0, nimg), size=(nimg_per_epoch,), p=train_probs)
+        else:
+            rperm = np.random.permutation(np.arange(0, nimg))
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = LR[iepoch]
+        net.train()
+        for k in range(0, nimg_per_epoch, batch_size):
+            inds = rperm[k:min(k + batch_size, nimg_per_epoch)]
+            imgs, lbls = cp_train._get_batch(inds, data=train_data, labels=train_labels, **kwargs)
+            diams = np.array([diam_train[i] for i in inds])
+            rsc = diams / net.diam_mean.item() if rescale else np.ones(len(diams), "float32")
+            imgi, lbl = transforms.random_rotate_and_resize(imgs, Y=lbls, rescale=rsc,
+                                                            scale_range=scale_range,
+                                                            xy=(bsize, bsize))[:2]
+            X = torch.from_numpy(imgi).to(device)
+            y = net(X)[0]
+            loss = cp_train._loss_fn_seg(lbl, y, device)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            train_losses[iepoch] += loss.item() * len(imgi)
+        train_losses[iepoch] /= nimg_per_epoch
+        if ckpt_dir is not None:
+            _save_checkpoint(ckpt_dir, {
+                "epoch": iepoch, "n_epochs": n_epochs, "fingerprint": fingerprint,
+                "net": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "train_losses": train_losses.copy(),
+            })
+        if iepoch == n_epochs - 1 or (log_every and iepoch % log_every == 0):
+            log.info("epoch %d/%d: train loss %.4f, lr %.6f, %.1f s", iepoch + 1, n_epochs,
+                     train_losses[iepoch], LR[iepoch], time.time() - t0)
+    return {"train_losses": train_losses, "resumed_from_epoch": resumed, "n_train": nimg}
+
+
 def train_segmenter(
     images: list[np.ndarray],
     masks: list[np.ndarray],
@@ -118,6 +329,8 @@ def train_segmenter(
     nimg_per_epoch: int | None = 8,
     max_eval_tiles: int | None = 16,
     scale_range: float | None = None,
+    min_train_masks: int = 1,
+    checkpoint: bool = True,
     gpu: bool | None = None,
 ) -> dict:
     """Train Cellpose, save the weights to ``out_path`` (a file) and ``<out_path>.json``.
@@ -139,7 +352,6 @@ def train_segmenter(
     """
     import torch
     from cellpose import metrics, models
-    from cellpose import train as cp_train
 
     if len(images) == 0:
         raise CellstageError("train_segmenter: no training images given")
@@ -176,17 +388,18 @@ def train_segmenter(
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(str(out_path) + CHECKPOINT_SUFFIX)
     t0, c0 = time.time(), time.process_time()
-    with tempfile.TemporaryDirectory(prefix=".cp_train.", dir=out_path.parent) as td:
-        fn, train_losses, _ = cp_train.train_seg(
-            model.net, train_data=tr_i, train_labels=tr_m, channels=channels,
-            normalize=True, save_path=td, n_epochs=int(epochs), learning_rate=learning_rate,
-            batch_size=batch_size, weight_decay=1e-5, model_name="cellstage",
-            min_train_masks=1, bsize=bsize, save_every=10**9, nimg_per_epoch=nimg_per_epoch,
-            scale_range=scale_range)
-        seconds_train = time.time() - t0
-        with atomic_path(out_path) as tmp:
-            shutil.copyfile(fn, tmp)
+    fit = fit_cellpose(
+        model.net, tr_i, tr_m, n_epochs=int(epochs), learning_rate=learning_rate,
+        batch_size=int(batch_size), weight_decay=1e-5, channels=channels, normalize=True,
+        nimg_per_epoch=nimg_per_epoch, scale_range=scale_range, bsize=int(bsize),
+        min_train_masks=int(min_train_masks), checkpoint_dir=ckpt_dir if checkpoint else None,
+        fingerprint_extra={"init": init, "seed": seed})
+    train_losses = fit["train_losses"]
+    seconds_train = time.time() - t0
+    with atomic_path(out_path) as tmp:
+        model.net.save_model(str(tmp))  # cellpose's own format: CellposeModel(pretrained_model=...)
     diam_labels = float(model.net.diam_labels.item())
 
     # evaluate the saved file (also proves it loads)
@@ -234,7 +447,11 @@ def train_segmenter(
         "init": init,
         "seed": seed,
         "final_train_loss": float(train_losses[-1]) if len(train_losses) else None,
+        "min_train_masks": int(min_train_masks),
+        "resumed_from_epoch": fit["resumed_from_epoch"],
+        "train_losses": [float(x) for x in train_losses],
     }
     write_json(str(out_path) + ".json", result)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the model and its JSON are stored: no resume needed
     log.info("segmenter: AP@0.5 = %.3f on %d held-out tiles, %.0f s", ap50, len(te_i), result["seconds"])
     return result
