@@ -211,6 +211,12 @@ def test_convert_roundtrip(tmp_path, synth):
     s1 = np.moveaxis(root["s1"][:], 0, 2)
     ref = img.reshape(300, 2, 350, 2, 3).astype(float).mean(axis=(1, 3))
     assert np.abs(s1.astype(float) - ref).max() <= 1.0
+    # streamed tile by tile, every level equals the 2x area average of the whole level above
+    from cellstage.io.omezarr import downsample2x
+
+    for k in range(1, 4):
+        above, level = root[f"s{k - 1}"][:], root[f"s{k}"][:]
+        assert np.array_equal(level, downsample2x(above, *level.shape[1:])), f"s{k}"
 
     z = ZarrSlide(out)
     assert z.dimensions == (700, 600) and z.level_count == 4 and z.mpp == pytest.approx(MPP)

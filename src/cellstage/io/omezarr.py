@@ -5,9 +5,14 @@ Layout written by :func:`convert_to_omezarr` (``results/slides/{slide}.ome.zarr`
     {slide}.ome.zarr/            zarr v3 group
       zarr.json                  attributes: {"ome": {"version": "0.5", "multiscales": [...],
                                               "omero": {...}}, "cellstage": {source metadata}}
-      s0/  (3, H, W)    uint8    level 0, chunks (1, tile, tile), blosc-zstd, fill 255
+      s0/  (3, H, W)    uint8    level 0, chunks (1, tile, tile), blosc-lz4, fill 255
       s1/  (3, H/2, W/2) uint8   2x area-average of s0 (odd edges: last row/col replicated)
       ...                        levels are added while the new level's long side >= min_level_size
+
+All levels are written in one streaming pass over level 0 (:func:`_stream_pyramid`): no level
+is read back, memory is a few tiles per level. Compression is lossless blosc-lz4 by default: on
+H&E tiles it writes ~3x and reads ~2x faster than zstd for ~15 % more bytes (``compression=
+"zstd"`` for the smaller store).
 
 Axes: ``c`` (channel), ``y``, ``x`` (space, micrometer); level k has the scale
 ``[1, mpp*2^k, mpp*2^k]``. Chunks are one channel plane per chunk, ``(1, tile, tile)``:
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils import CellstageError, atomic_path
+from .chunks import chunk_writer, region_reader
 from .slide import Slide, open_slide
 
 NGFF_VERSION = "0.5"
@@ -35,13 +41,13 @@ def _compressors(compression: str | None):
 
     if compression in (None, "none", ""):
         return None
-    if compression == "zstd":
-        return [BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")]
+    if compression == "zstd":  # level 1: same size as level 3 on H&E tiles, ~2.5x faster to write
+        return [BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")]
     if compression == "zstd-plain":
         return [ZstdCodec(level=3)]
     if compression in ("lz4", "lz4hc", "zlib", "blosclz"):
         return [BloscCodec(cname=compression, clevel=5, shuffle="noshuffle")]
-    raise CellstageError(f"unknown compression {compression!r} (zstd, lz4, zlib, none)")
+    raise CellstageError(f"unknown compression {compression!r} (lz4, zstd, zlib, none)")
 
 
 def level_shapes(width: int, height: int, min_level_size: int = 256) -> list[tuple[int, int]]:
@@ -113,14 +119,15 @@ def convert_to_omezarr(
     mpp: float | None = None,
     tile: int = 512,
     min_level_size: int = 256,
-    compression: str | None = "zstd",
+    compression: str | None = "lz4",
     workers: int = 2,
     verify: bool = False,
 ) -> dict:
     """Stream a slide into an OME-NGFF 0.5 multiscale zarr v3 store (see module docstring).
 
-    Level 0 is read tile by tile from the slide; level k+1 is computed tile by tile from the
-    zarr level k (2x area average), so memory stays at a few tiles whatever the slide size.
+    Level 0 is read tile by tile from the slide (``workers`` threads); every coarser tile is
+    the 2x area average of its four children as soon as they are read, so memory stays at a few
+    tiles per level whatever the slide size.
     Written into a temporary sibling and renamed: a failure leaves no ``out_path``.
     ``verify=True`` also reads the store back with ``ome_zarr``'s reader before the rename.
     """
@@ -154,7 +161,7 @@ def convert_to_omezarr(
                 )
             lock_reads = slide.backend not in ("openslide", "zarr")
 
-            def do_s0(ty, tx):
+            def read_s0(ty, tx):  # worker: read a level-0 tile, write it, hand it on (CHW)
                 y, x = ty * tile, tx * tile
                 th, tw = min(tile, H - y), min(tile, W - x)
                 if lock_reads:
@@ -162,22 +169,13 @@ def convert_to_omezarr(
                         reg = slide.read_region(x, y, tw, th, 0)
                 else:
                     reg = slide.read_region(x, y, tw, th, 0)
-                arrays[0][:, y: y + th, x: x + tw] = np.moveaxis(reg, 2, 0)
+                chw = _to_chw(reg)
+                for c in range(3):
+                    writers[0]((c, ty, tx), chw[c: c + 1])
+                return ty, tx, chw
 
-            _run_tiles(do_s0, H, W, tile, workers)
-
-            for k in range(1, len(shapes)):
-                src, dst = arrays[k - 1], arrays[k]
-                sh, sw = src.shape[1:]
-                dh, dw = dst.shape[1:]
-
-                def do_level(ty, tx, src=src, dst=dst, sh=sh, sw=sw, dh=dh, dw=dw):
-                    y, x = ty * tile, tx * tile
-                    th, tw = min(tile, dh - y), min(tile, dw - x)
-                    block = np.asarray(src[:, 2 * y: min(2 * (y + th), sh), 2 * x: min(2 * (x + tw), sw)])
-                    dst[:, y: y + th, x: x + tw] = downsample2x(block, th, tw)
-
-                _run_tiles(do_level, shapes[k][1], shapes[k][0], tile, workers)
+            writers = [chunk_writer(a) for a in arrays]
+            _stream_pyramid(read_s0, writers, shapes, tile, workers)
 
             info_meta = {
                 "source_path": str(Path(slide_path).resolve()),
@@ -230,22 +228,73 @@ def downsample2x(block: np.ndarray, th: int, tw: int) -> np.ndarray:
     return out
 
 
-def _run_tiles(fn, H: int, W: int, tile: int, workers: int) -> None:
-    ny, nx = math.ceil(H / tile), math.ceil(W / tile)
-    jobs = [(ty, tx) for ty in range(ny) for tx in range(nx)]
-    if workers <= 1:
+def _to_chw(hwc: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 -> contiguous (3, h, w) (cv2.split: SIMD, much faster than a numpy transpose)."""
+    import cv2
+
+    if hwc.dtype == np.uint8 and hwc.shape[2] in (3, 4):
+        return np.stack(cv2.split(hwc)[:3])
+    return np.ascontiguousarray(np.moveaxis(hwc[..., :3], 2, 0))
+
+
+def _morton(ty: int, tx: int) -> int:
+    key = 0
+    for b in range(32):
+        key |= ((tx >> b) & 1) << (2 * b) | ((ty >> b) & 1) << (2 * b + 1)
+    return key
+
+
+def _stream_pyramid(read_s0, writers, shapes, tile: int, workers: int) -> None:
+    """Write every level in one pass over level 0: no level is read back from the store.
+
+    Level-0 tiles are produced by ``read_s0(ty, tx) -> (ty, tx, chw)`` on ``workers`` threads
+    in Z-order (Morton), so the four children of every coarser tile arrive together: a level-k
+    tile is the 2x area average (:func:`downsample2x`) of its children as soon as the last one
+    arrives, and is itself handed to level k+1. Memory: the in-flight level-0 tiles plus at most
+    one partly filled parent per level, whatever the slide size.
+    """
+    from collections import deque
+
+    grids = [(math.ceil(h / tile), math.ceil(w / tile)) for (w, h) in shapes]
+    pending: list[dict] = [{} for _ in shapes]  # level k: (py, px) -> [buffer, children seen]
+
+    def feed(k: int, ty: int, tx: int, child: np.ndarray) -> None:
+        if k >= len(shapes):
+            return
+        py, px = ty // 2, tx // 2
+        ch, cw = shapes[k - 1][1], shapes[k - 1][0]  # child level height, width
+        slot = pending[k].get((py, px))
+        if slot is None:
+            bh, bw = min(2 * tile, ch - 2 * py * tile), min(2 * tile, cw - 2 * px * tile)
+            need = len(range(2 * py, min(2 * py + 2, grids[k - 1][0]))) * len(
+                range(2 * px, min(2 * px + 2, grids[k - 1][1])))
+            slot = pending[k][(py, px)] = [np.empty((child.shape[0], bh, bw), np.uint8), 0, need]
+        oy, ox = (ty - 2 * py) * tile, (tx - 2 * px) * tile
+        slot[0][:, oy: oy + child.shape[1], ox: ox + child.shape[2]] = child
+        slot[1] += 1
+        if slot[1] < slot[2]:
+            return
+        del pending[k][(py, px)]
+        h, w = shapes[k][1], shapes[k][0]
+        th, tw = min(tile, h - py * tile), min(tile, w - px * tile)
+        down = downsample2x(slot[0], th, tw)
+        for c in range(down.shape[0]):
+            writers[k]((c, py, px), down[c: c + 1])
+        feed(k + 1, py, px, down)
+
+    ny, nx = grids[0]
+    jobs = sorted(((ty, tx) for ty in range(ny) for tx in range(nx)), key=lambda j: _morton(*j))
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        inflight: deque = deque()
         for j in jobs:
-            fn(*j)
-        return
-    with ThreadPoolExecutor(workers) as ex:
-        # bounded in-flight window keeps memory at ~2*workers tiles
-        pending = []
-        for j in jobs:
-            pending.append(ex.submit(fn, *j))
-            if len(pending) >= 2 * workers:
-                pending.pop(0).result()
-        for f in pending:
-            f.result()
+            inflight.append(ex.submit(read_s0, *j))
+            if len(inflight) >= 2 * max(1, workers):
+                feed(1, *inflight.popleft().result())
+        while inflight:
+            feed(1, *inflight.popleft().result())
+    left = [k for k, p in enumerate(pending) if p]
+    if left:  # every parent must have seen all its children
+        raise CellstageError(f"pyramid: levels {left} have unfinished tiles (internal error)")
 
 
 def check_omezarr(path) -> dict:
@@ -301,6 +350,7 @@ class ZarrSlide(Slide):
             raise CellstageError(f"{p}: expected axes (..., y, x), found {axes}")
         self._axes = axes
         self._arrays = []
+        self._readers = {}
         dims = []
         for ds in ms["datasets"]:
             try:
@@ -331,7 +381,13 @@ class ZarrSlide(Slide):
         lead = (0,) * (arr.ndim - 3)
         if arr.ndim == 2:
             return np.asarray(arr[ly: ly + h, lx: lx + w])
-        a = np.asarray(arr[lead + (slice(None), slice(ly, ly + h), slice(lx, lx + w))])
+        if arr.ndim == 3:
+            read = self._readers.get(level)
+            if read is None:
+                read = self._readers[level] = region_reader(arr)
+            a = read((0, ly, lx), (arr.shape[0], ly + h, lx + w))
+        else:
+            a = np.asarray(arr[lead + (slice(None), slice(ly, ly + h), slice(lx, lx + w))])
         if a.shape[0] in (3, 4) and a.dtype == np.uint8:
             import cv2
 

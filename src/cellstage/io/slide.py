@@ -156,10 +156,12 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
     if c == 2:
         return np.concatenate([a, a[..., :1]], axis=2)
     if c == 4:  # RGBA: transparent (outside / empty tiles) -> white
+        if a[..., 3].min() == 255:  # opaque (the usual case): a SIMD channel drop, no arithmetic
+            import cv2
+
+            return cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_RGBA2RGB)
         rgb = a[..., :3].astype(np.uint16)
         alpha = a[..., 3:4].astype(np.uint16)
-        if (alpha == 255).all():
-            return np.ascontiguousarray(a[..., :3])
         return (rgb * alpha // 255 + 255 - alpha).astype(np.uint8)
     return np.ascontiguousarray(a[..., :3])
 

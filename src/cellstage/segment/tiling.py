@@ -144,8 +144,12 @@ def create_labels(path, shape, *, mpp: float | None = None, slide: str | None = 
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.attrs.update({"mpp": None if mpp is None else float(mpp), "slide": slide,
                     "axes": ["y", "x"], "content": "nucleus labels, 0 = background"})
+    from zarr.codecs import BloscCodec
+
+    # blosc-lz4: label planes are mostly 0 and runs of one id; lz4 decodes them ~3x faster than
+    # zarr's default zstd (crop extraction reads every chunk), for ~7 KB instead of ~2 KB a chunk
     return g.create_array(LABELS_ARRAY, shape=(h, w), chunks=(chunk, chunk), dtype="uint32",
-                          fill_value=0)
+                          fill_value=0, compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")])
 
 
 def open_labels(path, mode: str = "r"):
