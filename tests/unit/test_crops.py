@@ -141,13 +141,14 @@ def test_output_layout_and_chunks(data):
     _run(d, size=20, name="many", cells="many.parquet", batch=64, block=128)
     root = zarr.open_group(str(d / "many.zarr"), mode="r")
     assert root.metadata.zarr_format == 3
-    for name, shape, chunks, dtype in [("images", (n, 20, 20, 3), (64, 20, 20, 3), np.uint8),
-                                       ("masked", (n, 20, 20, 3), (64, 20, 20, 3), np.uint8),
-                                       ("masks", (n, 20, 20), (64, 20, 20), np.bool_)]:
+    # one crop per inner chunk, all crops of this small store in one shard, lz4 inside
+    for name, shape, dtype in [("images", (n, 20, 20, 3), np.uint8), ("masked", (n, 20, 20, 3), np.uint8),
+                               ("masks", (n, 20, 20), np.bool_)]:
         a = root[name]
-        assert a.shape == shape and a.chunks == chunks and a.dtype == dtype
-        comp = a.metadata.codecs[-1].to_dict()
-        assert comp["name"] == "blosc" and comp["configuration"]["cname"] == "zstd"
+        assert a.shape == shape and a.dtype == dtype
+        assert a.chunks == (1, *shape[1:]) and a.shards == shape
+        inner = a.metadata.codecs[0].to_dict()["configuration"]["codecs"]
+        assert inner[-1]["name"] == "blosc" and inner[-1]["configuration"]["cname"] == "lz4"
     assert root.attrs["cellstage"]["size"] == 20
     idx = pd.read_parquet(d / "many.parquet")
     # each row's image equals a direct padded read at its centroid

@@ -1,7 +1,8 @@
 """Crops in Zarr as torch datasets.
 
 A *crop source* is a pair (``results/crops/{slide}.zarr``, its index ``.parquet``). Items are
-read lazily from the Zarr arrays (chunks of 64 crops), so memory does not grow with the data set.
+read lazily, one crop at a time (:class:`cellstage.crops.store.CropStoreReader`), so memory does
+not grow with the data set.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ class ZarrCropDataset(Dataset):
     def _array(self, path: str):
         arr = self._arrays.get(path)
         if arr is None:
-            import zarr
+            from ..crops.store import CropStoreReader
 
-            arr = zarr.open_group(path, mode="r")[self.variant]
+            arr = CropStoreReader(path, self.variant)  # one pread + decode per crop
             self._arrays[path] = arr
         return arr
 
@@ -71,7 +72,7 @@ class ZarrCropDataset(Dataset):
         return len(self.index)
 
     def image(self, i: int) -> np.ndarray:
-        return np.asarray(self._array(self._paths[i])[int(self._rows[i])])
+        return self._array(self._paths[i])[int(self._rows[i])]
 
     def __getitem__(self, i: int):
         img = self.image(i)
