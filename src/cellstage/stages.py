@@ -161,14 +161,22 @@ def register(ref_path, mov_path, out_json, out_png, *, reg: Mapping) -> dict:
     return data
 
 
-def map_cells(registration_json, ref_cells, ref_labels, mov_slide_path, out_cells, out_labels, *, slide_id: str):
-    """Cells and labels of the reference scan mapped onto the other scan through the homography.
+def map_cells(registration_json, ref_cells, ref_labels, mov_slide_path, out_cells, out_labels, *, slide_id: str,
+              tubules=None, points=None, out_tubules=None, out_points=None, out_outside=None):
+    """Cells, labels and annotations of the reference scan mapped onto the other scan.
 
     A pair whose registration failed QC is excluded: its mapped table is empty (and the report lists
-    the pair with the reason), never filled with labels on the wrong tissue.
+    the pair with the reason), never filled with labels on the wrong tissue. Nothing is clipped:
+    a cell whose mapped centroid falls outside the target slide has no crop there (it is left out
+    of ``out_cells``), and every such cell, point annotation or tubule is listed in
+    ``out_outside`` (kind, id, label, source and mapped coordinates) and counted in the log.
+    Mapped tubules and points are written as QuPath GeoJSON in the target slide's level-0 px.
     """
+    from shapely.geometry import box
+
+    from .io.annotations import read_points, read_polygons, write_points_geojson, write_polygons_geojson
     from .io.omezarr import ZarrSlide
-    from .register.mapping import map_cell_table, warp_labels_zarr
+    from .register.mapping import map_cell_table, map_points_report, map_polygons, warp_labels_zarr
     from .segment.tiling import create_labels, open_labels
 
     reg = json.loads(Path(registration_json).read_text())
@@ -176,16 +184,22 @@ def map_cells(registration_json, ref_cells, ref_labels, mov_slide_path, out_cell
     w, h = mov.dimensions
     table = pd.read_parquet(ref_cells)
     H = np.asarray(reg["H"], dtype=float) if reg.get("H") is not None else None
+    ok = bool(reg.get("ok")) and H is not None
     with atomic_path(out_labels) as tmp:
         labels = create_labels(tmp, (h, w), mpp=mov.mpp, slide=slide_id)
-        if reg.get("ok") and H is not None:
+        if ok:
             warp_labels_zarr(open_labels(ref_labels), H, labels)
         labels.attrs["registration_ok"] = bool(reg.get("ok"))
-    if reg.get("ok") and H is not None:
+    outside = []
+    if ok:
         mapped = map_cell_table(table, H, mov.mpp, mov.dimensions)
-        outside = int((~mapped["inside"]).sum())
-        if outside:
-            log.warning("%s: %d mapped cells fall outside the slide; they are dropped here", slide_id, outside)
+        off = mapped[~mapped["inside"]]
+        src = table.set_index("cell_id").loc[off["cell_id"]]
+        outside.append(pd.DataFrame({
+            "kind": "cell", "id": off["cell_id"].astype(str).to_numpy(),
+            "label": off["label"].to_numpy() if "label" in off else "",
+            "source_x": src["centroid_x"].to_numpy(), "source_y": src["centroid_y"].to_numpy(),
+            "mapped_x": off["centroid_x"].to_numpy(), "mapped_y": off["centroid_y"].to_numpy()}))
         mapped = mapped[mapped["inside"]].drop(columns=["inside"])
     else:
         log.error(
@@ -194,6 +208,33 @@ def map_cells(registration_json, ref_cells, ref_labels, mov_slide_path, out_cell
         )
         mapped = table.iloc[0:0].copy()
     mapped["slide"] = slide_id
+    if out_points:
+        pts = read_points(points) if points else pd.DataFrame({"x": [], "y": [], "label": []})
+        mp, off = map_points_report(pts, H, mov.dimensions) if ok else (pts.iloc[0:0], pts.iloc[0:0])
+        write_points_geojson(mp, out_points)
+        outside.append(pd.DataFrame({
+            "kind": "point", "id": off.index.astype(str), "label": off["label"].to_numpy(),
+            "source_x": pts.loc[off.index, "x"].to_numpy(), "source_y": pts.loc[off.index, "y"].to_numpy(),
+            "mapped_x": off["x"].to_numpy(), "mapped_y": off["y"].to_numpy()}))
+    if out_tubules:
+        polys = map_polygons(read_polygons(tubules), H) if ok and tubules else []
+        write_polygons_geojson(polys, out_tubules, classification="Tubule")
+        frame = box(0, 0, w, h)
+        off = [(rid, g) for rid, g in polys if not frame.covers(g)]
+        outside.append(pd.DataFrame({
+            "kind": "tubule", "id": [str(r) for r, _ in off], "label": "Tubule",
+            "source_x": np.nan, "source_y": np.nan,
+            "mapped_x": [g.centroid.x for _, g in off], "mapped_y": [g.centroid.y for _, g in off]}))
+    if out_outside:
+        cols = ["kind", "id", "label", "source_x", "source_y", "mapped_x", "mapped_y"]
+        frames = [f for f in outside if len(f)]
+        report_df = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+        with atomic_path(out_outside) as tmp:
+            report_df.to_csv(tmp, index=False)
+        counts = report_df["kind"].value_counts().to_dict()
+        if counts:
+            log.warning("%s: mapped outside the slide (%dx%d px), listed in %s: %s", slide_id, w, h,
+                        out_outside, ", ".join(f"{v} {k}(s)" for k, v in sorted(counts.items())))
     with atomic_path(out_cells) as tmp:
         mapped.to_parquet(tmp, index=False)
     return mapped

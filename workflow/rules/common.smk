@@ -152,12 +152,16 @@ def pair_inputs(wildcards):
 def mapped_cells_inputs(wildcards):
     section = slides.loc[wildcards.mov_slide, "section"]
     ref = _ref_slide_of(section)
-    return {
+    inputs = {
         "registration": f"results/registration/{section}.json",
         "cells": f"results/cells/{ref}.parquet",
         "labels": f"results/segmentation/{ref}.zarr",
         "slide": f"results/slides/{wildcards.mov_slide}.ome.zarr",
+        "tubules": slides.loc[ref, "tubules"],
     }
+    if slides.loc[ref, "points"]:
+        inputs["points"] = slides.loc[ref, "points"]
+    return inputs
 
 
 def slide_meta(wildcards):
@@ -269,6 +273,7 @@ def report_inputs(wildcards):
         "crops": expand("results/crops/{slide}.parquet", slide=SLIDES),
         "pretrain": expand("results/pretrain/{run}/history.csv", run=PRETRAIN_RUNS),
         "grading": expand("results/grading/{slide}.parquet", slide=graded_ref_slides()),
+        "outside": expand("results/annotations/{mov_slide}.outside.csv", mov_slide=MOV_SLIDES),
     }
     if segmenter_model() == ["results/segmenter/model"]:
         inputs["segmenter"] = "results/segmenter/model.json"

@@ -26,12 +26,16 @@ rule register:
 
 
 rule map_cells:
-    """Cells and nucleus labels of the reference scan mapped onto the other scan of the section."""
+    """Cells, nucleus labels, tubules and points of the reference scan mapped onto the other scan;
+    whatever lands outside that slide is listed in the .outside.csv, never clipped."""
     input:
         unpack(mapped_cells_inputs),
     output:
         cells="results/cells/{mov_slide}.parquet",
         labels=directory("results/segmentation/{mov_slide}.zarr"),
+        tubules="results/annotations/{mov_slide}.tubules.geojson",
+        points="results/annotations/{mov_slide}.points.geojson",
+        outside="results/annotations/{mov_slide}.outside.csv",
     log:
         "results/logs/map_cells/{mov_slide}.log",
     benchmark:

@@ -10,4 +10,9 @@ with redirect_output(snakemake.log[0]):
         snakemake.output.cells,
         snakemake.output.labels,
         slide_id=snakemake.wildcards.mov_slide,
+        tubules=snakemake.input.tubules,
+        points=snakemake.input.get("points"),
+        out_tubules=snakemake.output.tubules,
+        out_points=snakemake.output.points,
+        out_outside=snakemake.output.outside,
     )

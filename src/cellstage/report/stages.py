@@ -17,7 +17,7 @@ def _paths(x) -> list[Path]:
 
 def stage_table(inputs: Mapping) -> pd.DataFrame:
     """One row per slide: nuclei, labelled nuclei, crops, crops kept by the grader, and for the
-    registered scans the registration quality of their section."""
+    registered scans the registration quality of their section and what mapped outside them."""
     rows = {}
     for p in _paths(inputs.get("cells")):
         t = pd.read_parquet(p, columns=["label"])
@@ -31,6 +31,10 @@ def stage_table(inputs: Mapping) -> pd.DataFrame:
     for p in _paths(inputs.get("grading")):
         t = pd.read_parquet(p, columns=["keep"])
         rows.setdefault(p.stem, {"slide": p.stem})["kept_by_grader"] = int(t["keep"].sum())
+    for p in _paths(inputs.get("outside")):  # results/annotations/{slide}.outside.csv
+        t = pd.read_csv(p, usecols=["kind"])
+        row = rows.setdefault(p.name.removesuffix(".outside.csv"), {"slide": p.name.removesuffix(".outside.csv")})
+        row["mapped_outside"] = ", ".join(f"{v} {k}s" for k, v in sorted(t["kind"].value_counts().items()))
     table = pd.DataFrame(list(rows.values()))
     reg = []
     for p in _paths(inputs.get("registration")):
@@ -40,5 +44,5 @@ def stage_table(inputs: Mapping) -> pd.DataFrame:
     if reg and "section" in table:
         table = table.merge(pd.DataFrame(reg), on="section", how="left")
     cols = ["slide", "section", "scan", "split", "nuclei", "labelled", "crops", "kept_by_grader",
-            "registration_ok", "inliers", "rmse_um", "registration_message"]
+            "registration_ok", "inliers", "rmse_um", "registration_message", "mapped_outside"]
     return table[[c for c in cols if c in table]].sort_values("slide").reset_index(drop=True)
