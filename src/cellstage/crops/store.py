@@ -110,8 +110,8 @@ class CropStoreWriter:
             self._state[name] = {"k": -1, "fh": None, "index": None, "pos": 0, "row": 0}
         b = next(iter(self._lay.values()))["blosc"]
         shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
-        self._codec = Blosc(cname=b["cname"], clevel=int(b["clevel"]), shuffle=shuffle[b["shuffle"]],
-                            blocksize=int(b.get("blocksize", 0)))
+        # numcodecs.blosc.compress arguments (the array's own codec settings)
+        self._blosc = (b["cname"].encode(), int(b["clevel"]), shuffle[b["shuffle"]], int(b.get("blocksize", 0)))
         self._ex = {name: ThreadPoolExecutor(1, thread_name_prefix=f"crops-{name}") for name in arrays}
         self._futs: dict[str, list] = {name: [] for name in arrays}
 
@@ -127,22 +127,30 @@ class CropStoreWriter:
         self.n_written += m.pop()
 
     def _write(self, name: str, batch: np.ndarray) -> None:
+        from numcodecs import blosc
+
         lay, st = self._lay[name], self._state[name]
-        dtype = lay["dtype"]
-        for item in batch:
-            row = st["row"]
-            k, j = divmod(row, lay["shard"])
+        batch = batch.astype(lay["dtype"], copy=False)
+        cname, clevel, shuffle, blocksize = self._blosc
+        a = 0
+        while a < len(batch):
+            k, j = divmod(st["row"], lay["shard"])
             if k != st["k"]:
                 self._finish_shard(name)
                 path = _shard_path(self.dir / name, lay, k)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 st.update(k=k, fh=open(path, "wb"), pos=0,
                           index=np.full((lay["shard"], 2), _EMPTY, dtype="<u8"))
-            enc = self._codec.encode(np.ascontiguousarray(item, dtype=dtype))
-            st["fh"].write(enc)
-            st["index"][j] = (st["pos"], len(enc))
-            st["pos"] += len(enc)
-            st["row"] = row + 1
+            part = batch[a: a + lay["shard"] - j]  # the rest of this shard at most
+            enc = [blosc.compress(item, cname, clevel, shuffle, blocksize) for item in part]
+            sizes = np.fromiter(map(len, enc), dtype=np.uint64, count=len(enc))
+            ends = np.cumsum(sizes) + np.uint64(st["pos"])
+            st["index"][j: j + len(enc), 0] = ends - sizes
+            st["index"][j: j + len(enc), 1] = sizes
+            st["fh"].write(b"".join(enc))
+            st["pos"] = int(ends[-1])
+            st["row"] += len(enc)
+            a += len(enc)
 
     def _finish_shard(self, name: str) -> None:
         import google_crc32c
