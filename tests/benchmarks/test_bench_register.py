@@ -16,9 +16,7 @@ import time
 import cv2
 import numpy as np
 
-from test_bench_segment import write_bench  # local writer (same folder)
-
-
+from _bench import write_result
 from slide_doubles import FakeSlide as ArraySlide  # noqa: E402
 
 
@@ -68,6 +66,6 @@ def test_bench_register_pair():
     assert res.ok, res.message
     print(f"corner error: register_pair {_corner_err(res.H, T, cfg.size):.3f} px ({res.stage}), "
           f"plain ORB+RANSAC {_corner_err(Hp, T, cfg.size):.3f} px (40x frame)")
-    write_bench("register_seconds_per_pair", float(np.median(ts)), "s/pair",
+    write_result("register_seconds_per_pair", float(np.median(ts)), "s/pair",
                 "plain ORB(10k)+BF Hamming+RANSAC(5.0) on the same level-0 pair, same run",
                 float(np.median(tp)), "<=", 2.0)
