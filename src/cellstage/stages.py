@@ -83,11 +83,12 @@ def segment(slide_path, tubules_path, model_path, out_labels, *, seg: Mapping, t
     from .io.omezarr import ZarrSlide
     from .segment.tiling import create_labels, segment_slide
 
-    _threads(threads)
     slide = ZarrSlide(slide_path)
     rois = read_polygons(tubules_path)
     check_inside(rois, slide.dimensions, tubules_path)
     classical = (seg.get("method") or "cellpose") == "classical"
+    if not classical:  # the classical fallback never loads torch (~0.8 GB of RSS for the CUDA build)
+        _threads(threads)
     log.info("segmenting %s with %s", slide_path, "the classical fallback" if classical else f"Cellpose {model_path}")
     w, h = slide.dimensions
     with atomic_path(out_labels) as tmp:
@@ -253,7 +254,10 @@ def extract_crops(slide_path, labels_path, cells_path, out_zarr, out_index, *, s
 
 # --- data reduction (seed 003) -------------------------------------------------------------------
 def train_grader(slide_paths, grade_paths, out_dir, *, grading: Mapping, size: int, seed: int = 0,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, devices: int = 1) -> dict:
+    """``devices`` > 1: data-parallel (DDP) training. The resume checkpoint lives next to
+    ``out_dir`` (``<out_dir>.checkpoints/``), not in it: Snakemake deletes a failed job's
+    ``directory()`` output as a whole."""
     from .crops import crops_at_points
     from .io.omezarr import ZarrSlide
     from .reduce.grader import train_grader as _train
@@ -276,6 +280,8 @@ def train_grader(slide_paths, grade_paths, out_dir, *, grading: Mapping, size: i
         batch_size=int(grading.get("batch_size", 64)),
         loss_weights=dict(grading.get("loss_weights", {"useful": 3.0, "unsuitable": 1.0})),
         seed=seed,
+        devices=int(devices),
+        checkpoint_dir=Path(out_dir).with_name(Path(out_dir).name + ".checkpoints"),
     )
 
 
@@ -307,7 +313,8 @@ def _keep_lists(grading_paths, index_paths) -> pd.DataFrame | None:
 
 
 def pretrain(run: str, zarr_paths, index_paths, grading_paths, out_weights, *, pretrain: Mapping,
-             scans: Mapping, seed: int = 0, threads: int | None = None) -> dict:
+             scans: Mapping, seed: int = 0, threads: int | None = None, devices: int = 1) -> dict:
+    """``devices`` > 1: data-parallel (DDP) training; resumes from ``last.ckpt`` next to the weights."""
     from .ssl.pretrain import pretrain as _pretrain
 
     _threads(threads)
@@ -325,13 +332,15 @@ def pretrain(run: str, zarr_paths, index_paths, grading_paths, out_weights, *, p
         seed=seed,
         max_crops=pretrain.get("max_crops"),
         keep=keep,
+        devices=int(devices),
     )
 
 
 # --- fine-tuning -------------------------------------------------------------------------------
 def finetune(*, train, test, pretrained, out_metrics, fold: int, experiment: Mapping, finetune: Mapping,
              scans: Mapping, classes: Sequence[str], static_classes: Sequence[str], seed: int = 0,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, devices: int = 1) -> dict:
+    """``devices`` > 1: data-parallel (DDP) training; resumes from ``checkpoints/last.ckpt``."""
     from .train.cv import run_fold
 
     taxonomy = Taxonomy(tuple(classes), tuple(static_classes))
@@ -353,6 +362,7 @@ def finetune(*, train, test, pretrained, out_metrics, fold: int, experiment: Map
         group_col=finetune.get("group_by"),
         seed=seed,
         num_threads=threads,
+        devices=int(devices),
     )
 
 
