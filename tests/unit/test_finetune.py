@@ -283,42 +283,53 @@ def test_run_fold_input_errors(sources, tmp_path):
         run_fold([("nope.zarr", "nope.parquet")], [], tmp_path / "z", fold=0, **FAST)
 
 
-def test_run_fold_resumes_after_a_kill(sources, tmp_path, monkeypatch):
-    import cellstage.train.cv as cv
+# ------------------------------------------------------------------- kill and resume
+# 4 epochs, a plateau scheduler that reacts at once, threads fixed: the child and this process agree
+KILL = dict(n_folds=2, backbone="resnet18", epochs=4, batch_size=16, lr_patience=0, progress=False,
+            accelerator="cpu", num_threads=1)
 
-    real = cv._callbacks
 
-    class Killed(RuntimeError):
-        pass
+def test_finetune_killed_after_epoch_1_resumes_to_identical_weights(sources, tmp_path, monkeypatch):
+    """SIGKILL in epoch 2 (checkpoints of epochs 0 and 1 on disk), rerun: same as never killed."""
+    import signal
 
-    def patched():
-        History, BestState, AtomicLast = real()
+    from killed_run import assert_same_tensors, capture_final_states, kill_mid_epoch
 
-        class KillAfterFirstEpoch(AtomicLast):
-            def on_train_epoch_end(self, trainer, pl_module):
-                super().on_train_epoch_end(trainer, pl_module)
-                if trainer.current_epoch == 0:
-                    raise Killed("simulated kill")
+    from cellstage.train import run_fold
 
-        return History, BestState, KillAfterFirstEpoch
+    train, test = sources
+    killed = tmp_path / "killed" / "fold0"
+    k = kill_mid_epoch("cellstage.train.cv:run_fold", [train, test, killed], {"fold": 0, **KILL},
+                       pause_epoch=2, workdir=tmp_path / "child", threads=torch.get_num_threads())
+    assert k["returncode"] == -signal.SIGKILL
+    assert k["paused"]["epochs_done_on_disk"] == 2
+    assert (killed / "checkpoints" / "last.ckpt").is_file() and not (killed / "metrics.json").exists()
+
+    final = capture_final_states(monkeypatch)
+    resumed = run_fold(train, test, killed, fold=0, **KILL)
+    straight = run_fold(train, test, tmp_path / "straight" / "fold0", fold=0, **KILL)
+    assert resumed["resumed"] and resumed["resumed_from_epoch"] == 2 and not straight["resumed"]
+    assert_same_tensors(final[0], final[1])  # last-epoch weights, heads and BatchNorm buffers
+    for key in ("val", "test", "epochs", "best_epoch", "best_val_loss"):
+        assert resumed[key] == straight[key], key
+    h_resumed, h_straight = (pd.read_csv(d / "history.csv") for d in (killed, tmp_path / "straight" / "fold0"))
+    pd.testing.assert_frame_equal(h_resumed, h_straight, check_exact=True)
+    assert list(h_resumed["epoch"]) == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(pd.read_parquet(killed / "predictions.parquet"),
+                                  pd.read_parquet(tmp_path / "straight" / "fold0" / "predictions.parquet"),
+                                  check_exact=True)
+    assert not (killed / "checkpoints").exists()
+
+
+def test_finetune_ignores_a_checkpoint_written_with_other_arguments(sources, tmp_path, caplog):
+    from cellstage.train import run_fold
 
     out = tmp_path / "fold0"
-    monkeypatch.setattr(cv, "_callbacks", patched)
-    with pytest.raises(Killed):
-        cv.run_fold(*sources, out, fold=0, **FAST)
-    assert (out / "checkpoints" / "last.ckpt").is_file()
-    assert not (out / "metrics.json").exists()
-    monkeypatch.setattr(cv, "_callbacks", real)
-    m = cv.run_fold(*sources, out, fold=0, **FAST)
-    assert m["resumed"] and m["epochs"] == 2
-    h = pd.read_csv(out / "history.csv")
-    assert list(h["epoch"]) == [0, 1]  # epoch 0 comes from the checkpoint
-    _check_metrics(json.loads((out / "metrics.json").read_text()))
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"would fail to load")
+    (out / "checkpoints" / "last.json").write_text(json.dumps({"hash": "0" * 16, "epochs_done": 1}))
+    with caplog.at_level("WARNING", logger="cellstage.train"):
+        m = run_fold(*sources, out, fold=0, **{**FAST, "epochs": 1})
+    assert not m["resumed"] and m["epochs"] == 1
+    assert "written with other arguments" in caplog.text
     assert not (out / "checkpoints").exists()
-    # other arguments: the stale checkpoint is not used
-    with pytest.raises(Killed):
-        monkeypatch.setattr(cv, "_callbacks", patched)
-        cv.run_fold(*sources, out, fold=0, **FAST)
-    monkeypatch.setattr(cv, "_callbacks", real)
-    m = cv.run_fold(*sources, out, fold=0, **{**FAST, "seed": 5})
-    assert not m["resumed"]

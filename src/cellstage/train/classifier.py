@@ -5,6 +5,12 @@ distance to the tubule wall, then classified into the configured classes. Distan
 augmentation: during training each distance is replaced by -0.5 (the "unknown" value, also
 used for missing distances) with probability ``distance_dropout_p``. AdamW, ReduceLROnPlateau
 (factor 0.5, patience 10) on the validation loss.
+
+The plateau scheduler is stepped by the module at the end of each validation epoch (with
+Lightning's epoch-mean ``val_loss``) and its state travels in the checkpoint
+(:class:`cellstage.train.resume.CheckpointedPlateau`), so the checkpoint written at the end of an
+epoch already holds the learning rate of the next one and a resumed run reduces the learning rate
+exactly when an uninterrupted run does.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import nn
 
 from ..backbones import create_backbone, feature_dim, load_weights
 from ..utils import CellstageError
+from .resume import CheckpointedPlateau
 
 UNKNOWN_DISTANCE = -0.5
 
@@ -65,6 +72,7 @@ class CellClassifier(L.LightningModule):
             load_pretrained(self.backbone, pretrained_path, backbone_name)
         self.feat_dim = feature_dim(self.backbone)
         self.head = nn.Linear(self.feat_dim + (1 if use_distance else 0), n_classes)
+        self.plateau = CheckpointedPlateau()
 
     # ---------------------------------------------------------------- model
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +102,11 @@ class CellClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
         bs = y.shape[0]
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=bs)
+        sync = stage == "val"  # one validation loss for the scheduler on every DDP rank
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs,
+                 sync_dist=sync)
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=bs,
+                 sync_dist=sync)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -111,13 +122,20 @@ class CellClassifier(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=hp.lr_factor, patience=hp.lr_patience
-        )
-        return {
-            "optimizer": opt,
-            "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch", "frequency": 1},
-        }
+        # stepped in on_validation_epoch_end, not by Lightning (see the module docstring)
+        self.plateau.attach(opt, mode="min", factor=hp.lr_factor, patience=hp.lr_patience)
+        return opt
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.plateau.step(self.trainer.callback_metrics.get("val_loss"))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.plateau.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.plateau.load(checkpoint)
 
     @torch.no_grad()
     def predict_proba(self, loader) -> torch.Tensor:

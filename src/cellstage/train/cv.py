@@ -12,26 +12,31 @@ evaluates them on the validation fold and on the separate test slides. Outputs i
   "normalisation", "config", "provenance"}``; undefined metrics (NaN) are written as null.
 
 Resuming: while training, ``out_dir/checkpoints/last.ckpt`` (Lightning checkpoint: weights,
-optimiser, LR scheduler, epoch, and the best-epoch weights and history kept by callbacks) is
-replaced atomically after every epoch, next to ``checkpoints/config.json``. Rerunning
-``run_fold`` with the same arguments after a kill continues from it (``Trainer.fit(ckpt_path=)``);
-with other arguments it starts afresh. The checkpoint folder is deleted just before metrics.json
-is written. A resumed run is not bit-identical to an uninterrupted one (RNG state is not
-restored and Lightning does not step a plateau scheduler on the epoch it resumes from).
+optimiser, LR-scheduler state, loop counters, and the best-epoch weights and history kept by
+callbacks) and its sidecar ``checkpoints/last.json`` (hash of the arguments, epochs done) are
+replaced atomically after every epoch (:mod:`cellstage.train.resume`). Rerunning ``run_fold``
+with the same arguments after a kill continues from the last finished epoch
+(``Trainer.fit(ckpt_path=)``); with other arguments the checkpoint is ignored (logged) and the
+fold starts afresh. The checkpoint folder is deleted just before metrics.json is written. A
+resumed run is bit-identical to an uninterrupted one on CPU with ``num_workers=0`` (verified by
+tests/unit/test_finetune.py::test_finetune_killed_after_epoch_1_resumes_to_identical_weights:
+SIGKILL after epoch 1 of 4, same weights, predictions and history): the training order is a
+function of (seed, epoch), the RNGs are reseeded from (seed, epoch) at every epoch start, and the
+plateau scheduler is stepped by the module and stored in the checkpoint.
 
 Determinism: ``lightning.seed_everything(seed, workers=True)`` and ``Trainer(deterministic=True)``
 on CPU give identical results for identical arguments (``num_workers`` is part of the
 arguments: changing it changes the result). On CUDA, ``deterministic=None`` resolves to
 ``"warn"`` because ``AdaptiveAvgPool2d``'s CUDA backward has no deterministic kernel.
 
-SLURM: with ``devices == 1`` the trainer gets ``LightningEnvironment()``, so Lightning does not
-auto-detect ``SLURMEnvironment`` inside a SLURM job (which would try to take over process
-ranks / requeueing); with more devices Lightning's own detection is left in place.
+SLURM / several devices: ``devices``, ``strategy`` and ``plugins`` come from
+:func:`cellstage.train.resume.device_kwargs` (one device: ``LightningEnvironment()``, so Lightning
+does not take over the SLURM job step; several: DDP). With DDP only rank 0 evaluates and writes
+the outputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -115,13 +120,22 @@ def default_lr(backbone: str) -> float:
 
 # ----------------------------------------------------------------------- callbacks
 def _callbacks():
+    """(History, BestState): fine-tuning's callbacks whose state is kept in checkpoints.
+
+    The per-epoch checkpoint itself is :class:`cellstage.train.resume.EpochCheckpoint`.
+    """
     import lightning as L
 
     class History(L.Callback):
-        """Per-epoch row of losses, accuracy and learning rate; kept in checkpoints."""
+        """Per-epoch row of losses, accuracy and the learning rate used in that epoch."""
 
         def __init__(self):
             self.rows: list[dict] = []
+            self._lr = math.nan
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            # read before the epoch: the module steps its plateau scheduler at validation end
+            self._lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
 
         def on_train_epoch_end(self, trainer, pl_module):
             m = trainer.callback_metrics
@@ -130,14 +144,13 @@ def _callbacks():
                 v = m.get(key)
                 return float(v) if v is not None else math.nan
 
-            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
             row = {
                 "epoch": int(trainer.current_epoch),
                 "train_loss": f("train_loss"),
                 "train_acc": f("train_acc"),
                 "val_loss": f("val_loss"),
                 "val_top1": f("val_acc"),
-                "lr": float(lr),
+                "lr": self._lr,
             }
             self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
 
@@ -172,21 +185,7 @@ def _callbacks():
             self.best_epoch = int(state["best_epoch"])
             self.best_state = state["best_state"]
 
-    class AtomicLast(L.Callback):
-        """``last.ckpt`` after every epoch, replaced atomically (a kill never leaves half a file)."""
-
-        def __init__(self, path: Path, every: int = 1):
-            self.path = Path(path)
-            self.every = int(every)
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            if self.every <= 0 or (trainer.current_epoch + 1) % self.every:
-                return
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            trainer.save_checkpoint(str(tmp), weights_only=False)
-            os.replace(tmp, self.path)
-
-    return History, BestState, AtomicLast
+    return History, BestState
 
 
 # ------------------------------------------------------------------------ helpers
@@ -200,17 +199,10 @@ def _nan_to_none(obj):
     return obj
 
 
-def _config_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _resolve_deterministic(deterministic, accelerator: str):
-    if deterministic is not None:
-        return deterministic
-    import torch
+    from .resume import resolve_deterministic
 
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    return True if on_cpu else "warn"
+    return resolve_deterministic(deterministic, accelerator)
 
 
 def _check_sources(sources, what: str) -> list[tuple[str, str]]:
@@ -267,10 +259,11 @@ def run_fold(
     """
     import lightning as L
     import torch
-    from lightning.pytorch.plugins.environments import LightningEnvironment
 
     from .classifier import CellClassifier
     from .datamodule import CropDataModule
+    from .resume import (EpochCheckpoint, ReseedEveryEpoch, device_kwargs, find_resumable, read_sidecar,
+                         remove_checkpoint)
 
     t0 = time.time()
     if num_threads:
@@ -361,40 +354,23 @@ def run_fold(
 
     ck_dir = out_dir / "checkpoints"
     last = ck_dir / "last.ckpt"
-    cfg_file = ck_dir / "config.json"
-    chash = _config_hash(config)
-    ckpt_path = None
-    if last.is_file():
-        try:
-            same = json.loads(cfg_file.read_text()).get("hash") == chash
-        except (OSError, ValueError):
-            same = False
-        if same:
-            ckpt_path = str(last)
-            log.info("fold %d: resuming from %s", fold, last)
-        else:
-            log.info("fold %d: %s is from other arguments; starting afresh", fold, last)
-    if ckpt_path is None:
-        shutil.rmtree(ck_dir, ignore_errors=True)
-        ck_dir.mkdir(parents=True, exist_ok=True)
-        write_json(cfg_file, {"hash": chash, "config": config})
+    ckpt_path = find_resumable(last, config, what=f"fold {fold}")
+    resumed_from = read_sidecar(last).get("epochs_done") if ckpt_path else None
 
-    History, BestState, AtomicLast = _callbacks()
+    History, BestState = _callbacks()
     history, best = History(), BestState()
     det = _resolve_deterministic(deterministic, accelerator)
-    plugins = [LightningEnvironment()] if devices == 1 else None
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         trainer = L.Trainer(
             max_epochs=epochs,
             accelerator=accelerator,
-            devices=devices,
+            **device_kwargs(devices),
             deterministic=det,
-            plugins=plugins,
             logger=False,
-            enable_checkpointing=False,  # our callbacks keep best weights and last.ckpt
-            callbacks=[history, best, AtomicLast(last, checkpoint_every)],
+            # our callbacks keep the best weights; EpochCheckpoint writes last.ckpt
+            callbacks=[ReseedEveryEpoch(seed), history, best, EpochCheckpoint(last, config, checkpoint_every)],
             enable_progress_bar=progress,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -405,6 +381,8 @@ def run_fold(
         fit_seconds = time.time() - t_fit
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+    if trainer.global_rank != 0:
+        return {}  # DDP: rank 0 evaluates and writes the outputs
 
     if best.best_state is None:
         raise CellstageError(f"fold {fold}: no validation loss was recorded; nothing to evaluate")
@@ -456,10 +434,12 @@ def run_fold(
         "seconds": round(time.time() - t0, 3),
         "fit_seconds": round(fit_seconds, 3),
         "resumed": ckpt_path is not None,
+        "resumed_from_epoch": resumed_from,
         "normalisation": {"mean": dm.mean, "std": dm.std},
         "config": config,
         "provenance": provenance(),
     }
+    remove_checkpoint(last)
     shutil.rmtree(ck_dir, ignore_errors=True)
     write_json(out_dir / "metrics.json", _nan_to_none(out))  # last: marks the fold finished
     return out

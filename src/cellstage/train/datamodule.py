@@ -7,6 +7,10 @@ the channel mean/std of this fold's training crops (seed 000 §4.2).
 
 Crops are read once into memory by default (``cache=True``: 1,000 crops of 80×80×3 are 19 MB;
 the 5,200 of seed 000 are 100 MB), which removes a Zarr chunk decode per item and epoch.
+
+Training order: :class:`cellstage.train.resume.EpochSampler` (a permutation per epoch that
+depends only on ``seed`` and the epoch), and every loader has its own ``torch.Generator``, so
+that a run resumed from a checkpoint sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch.utils.data import DataLoader
 from ..utils import CellstageError
 from .cv import make_folds
 from .data import VARIANTS, ZarrCropDataset, load_index
+from .resume import EpochSampler, loader_generator
 from .transforms import channel_stats, eval_transform, train_transform
 
 REQUIRED_COLUMNS = ("row", "cell_id", "slide", "label_idx")
@@ -152,10 +157,11 @@ class CropDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(len(ds), self.seed, shuffle=shuffle),
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=loader_generator(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
