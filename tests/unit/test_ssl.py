@@ -108,3 +108,45 @@ def test_mae_needs_vit(tmp_path, source):
         pretrain("mae", "resnet18", [source], tmp_path / "x", img_size=40, epochs=1, progress=False)
     with pytest.raises(CellstageError, match="unknown method"):
         pretrain("byol", "resnet18", [source], tmp_path / "y", img_size=40, epochs=1, progress=False)
+
+
+# 4 epochs, a plateau scheduler that reacts at once; SimCLR as in the demo
+KILL = dict(img_size=40, epochs=4, batch_size=8, progress=False, max_crops=16, accelerator="cpu",
+            method_kwargs={"lr_patience": 0})
+
+
+def test_pretrain_killed_after_epoch_1_resumes_to_identical_weights(tmp_path, source, monkeypatch):
+    """SIGKILL in epoch 2 (checkpoints of epochs 0 and 1 on disk), rerun: same as never killed."""
+    import signal
+
+    from killed_run import assert_same_tensors, capture_final_states, kill_mid_epoch
+    from safetensors.torch import load_file
+
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    k = kill_mid_epoch("cellstage.ssl.pretrain:pretrain", ["simclr", "resnet18", [source], killed], KILL,
+                       pause_epoch=2, workdir=tmp_path / "child", threads=torch.get_num_threads())
+    assert k["returncode"] == -signal.SIGKILL and k["paused"]["epochs_done_on_disk"] == 2
+    assert (killed / "last.ckpt").is_file() and not (killed / "pretrain.json").exists()
+
+    final = capture_final_states(monkeypatch)
+    a = pretrain("simclr", "resnet18", [source], killed, **KILL)
+    b = pretrain("simclr", "resnet18", [source], straight, **KILL)
+    assert a["resumed_from_epoch"] == 2 and a["epochs_this_run"] == 2 and b["resumed_from_epoch"] is None
+    assert_same_tensors(load_file(killed / "backbone.safetensors"), load_file(straight / "backbone.safetensors"))
+    assert_same_tensors(final[0], final[1])  # projection head too
+    ha, hb = pd.read_csv(killed / "history.csv"), pd.read_csv(straight / "history.csv")
+    pd.testing.assert_frame_equal(ha, hb, check_exact=True)
+    assert ha["epoch"].tolist() == [1, 2, 3, 4] and a["final_loss"] == b["final_loss"]
+
+
+def test_pretrain_ignores_a_checkpoint_written_with_other_arguments(tmp_path, source, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.ckpt").write_bytes(b"would fail to load")
+    (out / "last.json").write_text(json.dumps({"hash": "0" * 16, "epochs_done": 3}))
+    with caplog.at_level("WARNING", logger="cellstage.train"):
+        res = pretrain("simclr", "resnet18", [source], out, img_size=40, epochs=1, batch_size=8, progress=False,
+                       max_crops=16)
+    assert res["resumed_from_epoch"] is None and res["epochs"] == 1
+    assert "written with other arguments" in caplog.text
+    assert json.loads((out / "last.json").read_text())["epochs_done"] == 1

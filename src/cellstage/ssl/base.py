@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..train.resume import CheckpointedPlateau
+
 
 class SSLModule(L.LightningModule):
     """Base class. Subclasses set ``self.backbone_model`` (the plain timm backbone whose weights
@@ -14,7 +16,11 @@ class SSLModule(L.LightningModule):
     Optimiser (seed 000 §4.3): AdamW; the learning rate is reduced by ``lr_factor`` (0.25) when
     the monitored loss plateaus for ``lr_patience`` (10) epochs. Seed 000 monitors a validation
     loss; here there is no labelled validation set inside pretraining, so the epoch-mean
-    training loss is monitored (documented deviation).
+    training loss is monitored (documented deviation). The module steps the scheduler itself at
+    the end of each training epoch and keeps its state in the checkpoint
+    (:class:`cellstage.train.resume.CheckpointedPlateau`), so a resumed run reduces the learning
+    rate exactly when an uninterrupted one does. ``history`` rows: epoch (1-based), mean loss,
+    learning rate used in that epoch.
     """
 
     #: seed 000: 1e-3 (SimCLR, DINO), 1.5e-4 (MAE)
@@ -29,6 +35,7 @@ class SSLModule(L.LightningModule):
         self.lr_patience = int(lr_patience)
         self.history: list[dict] = []
         self._epoch_losses: list[torch.Tensor] = []
+        self.plateau = CheckpointedPlateau()
 
     # exported weights ---------------------------------------------------------------------
     def export_backbone(self) -> nn.Module:
@@ -38,7 +45,7 @@ class SSLModule(L.LightningModule):
     def _record(self, loss: torch.Tensor, batch_size: int) -> None:
         self._epoch_losses.append(loss.detach().float().cpu())
         self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=batch_size)
+                 batch_size=batch_size, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_losses = []
@@ -46,23 +53,24 @@ class SSLModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._epoch_losses:
             mean = float(torch.stack(self._epoch_losses).mean())
-            lr = float(self.optimizers().param_groups[0]["lr"]) if self.trainer is not None else self.lr
+            lr = float(self.optimizers().param_groups[0]["lr"])  # before this epoch's scheduler step
             self.history.append({"epoch": int(self.current_epoch) + 1, "loss": mean, "lr": lr})
+        # Lightning's epoch mean of the logged loss (what its own scheduler step used to monitor)
+        self.plateau.step(self.trainer.callback_metrics.get("train_loss"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cellstage_history"] = list(self.history)
+        self.plateau.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = list(checkpoint.get("cellstage_history", []))
+        self.plateau.load(checkpoint)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.lr_factor, patience=self.lr_patience
-        )
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": sched, "monitor": "train_loss", "interval": "epoch"}}
+        self.plateau.attach(opt, mode="min", factor=self.lr_factor, patience=self.lr_patience)
+        return opt
 
 
 def is_vit(backbone: str) -> bool:

@@ -6,15 +6,24 @@ the run finished):
   ``load_weights(create_backbone(name, img_size=img_size), path)``;
 - ``history.csv`` (epoch, loss, lr), ``loss.png`` (curve), ``pretrain.json`` (summary,
   config, provenance);
-- ``last.ckpt`` — Lightning checkpoint written every epoch; a rerun with the same ``out_dir``
-  resumes from it (the epoch counter continues; with ``epochs`` already reached nothing is
-  trained and the outputs are rewritten from the checkpoint).
+- ``last.ckpt`` — Lightning checkpoint written (atomically replaced) after every epoch, with its
+  sidecar ``last.json`` (hash of the arguments, epochs done; :mod:`cellstage.train.resume`).
+  A rerun with the same ``out_dir`` and the same arguments resumes from it; ``epochs`` is not
+  part of the comparison, so a finished run can be continued to more epochs (the epoch counter
+  continues; with ``epochs`` already reached nothing is trained and the outputs are rewritten from
+  the checkpoint). A checkpoint written with other arguments (method, backbone, crops selected,
+  batch size, lr, seed, ...) is ignored, logged, and training starts afresh.
+  Resuming after a kill is bit-identical to an uninterrupted run on CPU with ``num_workers=0``
+  (tests/unit/test_ssl.py::test_pretrain_killed_after_epoch_1_resumes_to_identical_weights:
+  SIGKILL after epoch 1 of 4; same backbone weights and history).
 
-Cluster note: for single-device runs the trainer gets Lightning's plain ``LightningEnvironment``
-plugin, so a job started inside a SLURM allocation (``snakemake --profile slurm``) is not
-auto-detected as a SLURM multi-process launch (Lightning's ``SLURMEnvironment`` would otherwise
-read ``SLURM_NTASKS``/``SLURM_PROCID`` and may refuse or mis-rank the run, and installs its
-requeue signal handler). Multi-device runs keep Lightning's auto-detection.
+Cluster note: ``devices`` / ``strategy`` / ``plugins`` come from
+:func:`cellstage.train.resume.device_kwargs`: for single-device runs the trainer gets Lightning's
+plain ``LightningEnvironment`` plugin, so a job started inside a SLURM allocation (``snakemake
+--profile slurm``) is not auto-detected as a SLURM multi-process launch (Lightning's
+``SLURMEnvironment`` would otherwise read ``SLURM_NTASKS``/``SLURM_PROCID`` and may refuse or
+mis-rank the run, and installs its requeue signal handler). Several devices train with DDP; only
+rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -77,6 +86,15 @@ def select_crops(index: pd.DataFrame, *, keep=None, max_crops: int | None = None
     return index.reset_index(drop=True)
 
 
+def _index_digest(index: pd.DataFrame) -> str:
+    """Hash of the crops a run trains on (source, row, slide, cell id, in order)."""
+    import hashlib
+
+    cols = [c for c in ("zarr_path", "row", "slide", "cell_id") if c in index.columns]
+    h = hashlib.sha256(pd.util.hash_pandas_object(index[cols], index=False).to_numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _plot(history: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib
 
@@ -125,12 +143,13 @@ def pretrain(
     also written to ``pretrain.json``.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.plugins.environments import LightningEnvironment
+    import torch
     from torch.utils.data import DataLoader
 
     from ..backbones import save_weights
     from ..train.data import ZarrCropDataset, load_index
+    from ..train.resume import (EpochCheckpoint, EpochSampler, ReseedEveryEpoch, device_kwargs, find_resumable,
+                                loader_generator, resolve_deterministic)
     from . import METHODS
 
     if method not in METHODS:
@@ -165,35 +184,39 @@ def pretrain(
     model = spec.module(backbone, img_size, lr=lr, **(method_kwargs or {}))
     bs = int(min(batch_size, len(dataset)))
     loader = DataLoader(
-        dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) > bs, num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        dataset, batch_size=bs, sampler=EpochSampler(len(dataset), seed), drop_last=len(dataset) > bs,
+        num_workers=num_workers, persistent_workers=num_workers > 0, generator=loader_generator(seed),
     )
 
-    ckpt_cb = ModelCheckpoint(dirpath=str(out_dir), filename="epoch{epoch}", save_last=True, save_top_k=0,
-                              every_n_epochs=1, auto_insert_metric_name=False)
-    single = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
-    plugins = [LightningEnvironment()] if single else None
-    trainer = L.Trainer(
-        max_epochs=int(epochs), accelerator=accelerator, devices=devices, deterministic=True,
-        logger=False, callbacks=[ckpt_cb], plugins=plugins, default_root_dir=str(out_dir),
-        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-    )
+    # what must match for a checkpoint to be resumed (not `epochs`: a run may be continued)
+    resume_config = {
+        "method": method, "backbone": backbone, "img_size": int(img_size), "variant": variant,
+        "batch_size": bs, "lr": model.lr, "seed": int(seed), "accelerator": accelerator, "devices": devices,
+        "num_workers": int(num_workers), "method_kwargs": method_kwargs or {},
+        "transform_kwargs": transform_kwargs or {}, "crops": _index_digest(index),
+    }
     last = out_dir / "last.ckpt"
+    ckpt_path = find_resumable(last, resume_config, what=f"pretrain {method}/{backbone}")
     resumed_from = None
-    if last.is_file():
-        import torch
-
+    if ckpt_path is not None:
         ck = torch.load(last, map_location="cpu", weights_only=False)
         resumed_from = len(ck.get("cellstage_history", []))
         del ck
-        log.info("resuming %s from %s (epoch %s)", method, last, resumed_from)
+
+    trainer = L.Trainer(
+        max_epochs=int(epochs), accelerator=accelerator, **device_kwargs(devices),
+        deterministic=resolve_deterministic(None, accelerator),  # True on CPU, "warn" on CUDA
+        logger=False, callbacks=[ReseedEveryEpoch(seed), EpochCheckpoint(last, resume_config)],
+        default_root_dir=str(out_dir), enable_progress_bar=progress, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     t_fit = time.perf_counter()
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - t_fit
+    if trainer.global_rank != 0:
+        return {}  # DDP: rank 0 writes the outputs
     if resumed_from is not None and resumed_from >= int(epochs):
         # nothing trained: Lightning may not have restored the weights; load them explicitly
-        import torch
-
         state = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(state["state_dict"])
         model.on_load_checkpoint(state)
