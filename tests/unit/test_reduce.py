@@ -136,3 +136,46 @@ def test_grader_separates_synthetic(tmp_path):
     assert list(out.columns) == ["slide", "cell_id", "p_unsuitable", "keep"]
     useful = grades <= 4
     assert (out["keep"].to_numpy() == useful).mean() >= 0.8
+
+
+# -- resume after a kill ----------------------------------------------------------------------------
+KILL = dict(epochs=4, batch_size=8, lr=1e-3, seed=0, progress=False, accelerator="cpu")
+
+
+def test_grader_killed_after_epoch_1_resumes_to_identical_weights(tmp_path, monkeypatch):
+    """SIGKILL in epoch 2 (checkpoints of epochs 0 and 1 on disk), rerun: same as never killed."""
+    import signal
+
+    from killed_run import assert_same_tensors, kill_mid_epoch
+    from safetensors.torch import load_file
+
+    crops, grades = synthetic_graded(n_per=6)  # 14 training crops: 2 steps per epoch
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    k = kill_mid_epoch("cellstage.reduce.grader:train_grader", [], {"out_dir": killed, **KILL},
+                       arrays={"crops": crops, "grades": grades}, pause_epoch=2, workdir=tmp_path / "child",
+                       threads=torch.get_num_threads())
+    assert k["returncode"] == -signal.SIGKILL and k["paused"]["epochs_done_on_disk"] == 2
+    assert (killed / "checkpoints" / "last.ckpt").is_file() and not (killed / "grader.json").exists()
+
+    a = train_grader(crops, grades, killed, **KILL)
+    b = train_grader(crops, grades, straight, **KILL)
+    assert a["resumed_from_epoch"] == 2 and b["resumed_from_epoch"] is None
+    assert_same_tensors(load_file(killed / "grader.safetensors"), load_file(straight / "grader.safetensors"))
+    assert a["history"] == b["history"] and [h["epoch"] for h in a["history"]] == [1, 2, 3, 4]
+    assert a["val"] == b["val"]
+    assert not (killed / "checkpoints").exists()
+
+
+def test_grader_ignores_a_checkpoint_written_with_other_arguments(tmp_path, caplog):
+    crops, grades = synthetic_graded(n_per=6)
+    ck = tmp_path / "ck"
+    train_grader(crops, grades, tmp_path / "g1", epochs=1, batch_size=8, progress=False, checkpoint_dir=ck)
+    assert not ck.exists()  # removed after training
+    ck.mkdir()
+    (ck / "last.ckpt").write_bytes(b"would fail to load")
+    (ck / "last.json").write_text(json.dumps({"hash": "0" * 16, "epochs_done": 1}))
+    with caplog.at_level("WARNING", logger="cellstage.train"):
+        res = train_grader(crops, grades, tmp_path / "g2", epochs=1, batch_size=8, progress=False,
+                           checkpoint_dir=ck)
+    assert res["resumed_from_epoch"] is None and len(res["history"]) == 1
+    assert "written with other arguments" in caplog.text

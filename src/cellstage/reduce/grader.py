@@ -10,10 +10,21 @@ classes a loss weighting of 3 to 1 was used"; there the useful class was the min
 Files in ``out_dir``: ``grader.safetensors`` (full model: ``backbone.*`` + ``head.*``),
 ``grader.model.json`` (sidecar: backbone, img_size, threshold, normalisation, grade mapping) and
 ``grader.json`` (validation metrics, counts per grade, timing, provenance), all atomic.
+
+Resuming: while training, ``checkpoint_dir`` (default ``out_dir/checkpoints``; the workflow puts
+it next to ``results/grader``, which Snakemake deletes as a whole when the job fails) holds
+``last.ckpt`` and its sidecar ``last.json``, replaced atomically after every epoch
+(:mod:`cellstage.train.resume`). Rerunning ``train_grader`` with the same crops, grades and
+arguments continues from the last finished epoch; a checkpoint from other crops or arguments is
+ignored (logged) and training starts afresh. The folder is removed when training has finished.
+On CPU with ``num_workers=0`` the resumed result is bit-identical to an uninterrupted run
+(tests/unit/test_reduce.py::test_grader_killed_after_epoch_1_resumes_to_identical_weights:
+SIGKILL after epoch 1 of 4; same weights, metrics and history).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -92,11 +103,20 @@ def _module(net: GraderNet, weight: torch.Tensor, lr: float):
             self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
             return loss
 
+        def on_train_epoch_start(self) -> None:
+            self._losses = []
+
         def on_train_epoch_end(self) -> None:
             if self._losses:
                 self.history.append({"epoch": int(self.current_epoch) + 1,
                                      "loss": float(torch.stack(self._losses).mean())})
             self._losses = []
+
+        def on_save_checkpoint(self, checkpoint: dict) -> None:
+            checkpoint["cellstage_history"] = list(self.history)
+
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            self.history = list(checkpoint.get("cellstage_history", []))
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.net.parameters(), lr=lr)
@@ -162,6 +182,8 @@ def train_grader(
     devices=1,
     num_workers: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
 ) -> dict:
     """Train the binary grader on expert-graded crops; returns (and writes) its metrics.
 
@@ -169,12 +191,16 @@ def train_grader(
     ``{"useful": 3.0, "unsuitable": 1.0}`` (seed 003's 3:1, see module doc). Stratified
     train/validation split on the grades (falls back to the binary class); flips and 90°
     rotations as augmentation; AdamW at ``lr``; inputs normalised with the training crops'
-    channel mean/std (stored in the sidecar).
+    channel mean/std (stored in the sidecar). ``checkpoint_dir``: where the per-epoch resume
+    checkpoint lives (default ``out_dir/checkpoints``; removed at the end); ``checkpoint_every``:
+    every that many epochs (0: never). ``devices`` > 1 trains with DDP (rank 0 writes the files).
     """
     import lightning as L
-    from lightning.pytorch.plugins.environments import LightningEnvironment
 
     from ..backbones import save_weights
+    from ..train.resume import (EpochCheckpoint, EpochSampler, ReseedEveryEpoch, device_kwargs, find_resumable,
+                                loader_generator, read_sidecar, remove_checkpoint,
+                                resolve_deterministic)
 
     t0 = time.perf_counter()
     crops = np.asarray(crops)
@@ -203,15 +229,30 @@ def train_grader(
     net = GraderNet(backbone, img_size=img_size)
     module = _module(net, weight, lr)
     bs = int(min(batch_size, len(tr)))
-    train_loader = DataLoader(_Crops(crops[tr], y[tr], mean, std, augment=True), batch_size=bs, shuffle=True,
-                              drop_last=len(tr) > bs and len(tr) % bs == 1, num_workers=num_workers)
-    single = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    train_loader = DataLoader(_Crops(crops[tr], y[tr], mean, std, augment=True), batch_size=bs,
+                              sampler=EpochSampler(len(tr), seed), drop_last=len(tr) > bs and len(tr) % bs == 1,
+                              num_workers=num_workers, generator=loader_generator(seed))
+    config = {"backbone": backbone, "epochs": int(epochs), "batch_size": bs, "lr": float(lr),
+              "val_fraction": float(val_fraction), "unsuitable_grades": list(unsuitable), "loss_weights": lw,
+              "threshold": float(threshold), "seed": int(seed), "accelerator": accelerator,
+              "devices": devices, "num_workers": int(num_workers)}
+    # a checkpoint is resumed only for the same crops, grades and arguments
+    data_digest = hashlib.sha256(np.ascontiguousarray(crops).tobytes() + g.tobytes()).hexdigest()[:16]
+    resume_config = {**config, "data": data_digest, "shape": list(crops.shape),
+                     "checkpoint_every": int(checkpoint_every)}
+    ck_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
+    last = ck_dir / "last.ckpt"
+    ckpt_path = find_resumable(last, resume_config, what="grader")
+    resumed_from = read_sidecar(last).get("epochs_done") if ckpt_path else None
     trainer = L.Trainer(
-        max_epochs=int(epochs), accelerator=accelerator, devices=devices, deterministic=True, logger=False,
-        enable_checkpointing=False, plugins=[LightningEnvironment()] if single else None,
+        max_epochs=int(epochs), accelerator=accelerator, **device_kwargs(devices),
+        deterministic=resolve_deterministic(None, accelerator), logger=False,
+        callbacks=[ReseedEveryEpoch(seed), EpochCheckpoint(last, resume_config, checkpoint_every)],
         enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(out_dir),
     )
-    trainer.fit(module, train_dataloaders=train_loader)
+    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
+    if trainer.global_rank != 0:
+        return {}  # DDP: rank 0 evaluates and writes the files
 
     metrics: dict = {"n_val": int(len(va))}
     if len(va):
@@ -236,9 +277,6 @@ def train_grader(
     }
     save_weights(net, out_dir / WEIGHTS_FILE, metadata={k: json.dumps(v) for k, v in sidecar.items()})
     write_json(out_dir / SIDECAR_FILE, sidecar)
-    config = {"backbone": backbone, "epochs": int(epochs), "batch_size": bs, "lr": float(lr),
-              "val_fraction": float(val_fraction), "unsuitable_grades": list(unsuitable), "loss_weights": lw,
-              "threshold": float(threshold), "seed": int(seed), "accelerator": accelerator}
     result = {
         "val": metrics,
         "n_per_grade": {int(k): int((g == k).sum()) for k in GRADES},
@@ -247,10 +285,16 @@ def train_grader(
         "n_unsuitable": int((y == 1).sum()),
         "history": module.history,
         "seconds": round(time.perf_counter() - t0, 3),
+        "resumed_from_epoch": resumed_from,
         "config": config,
         "provenance": provenance(config),
     }
     write_json(out_dir / METRICS_FILE, result)
+    remove_checkpoint(last)
+    try:
+        ck_dir.rmdir()  # only if nothing else is in it
+    except OSError:
+        pass
     return result
 
 
