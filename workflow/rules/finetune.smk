@@ -20,7 +20,7 @@ rule finetune:
     resources:
         mem_mb=scaled(8000),
         runtime=scaled(720),
-        gpu=GPU,
+        gpu=GPU * int(config.get("devices_per_job", 1)),  # data-parallel training: docs/hpc.md
         cpus_per_gpu=1,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
     conda:
         "../envs/ml.yaml"

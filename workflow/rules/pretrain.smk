@@ -22,7 +22,7 @@ rule pretrain:
     resources:
         mem_mb=scaled(8000),
         runtime=scaled(720),
-        gpu=GPU,
+        gpu=GPU * int(config.get("devices_per_job", 1)),  # data-parallel training: docs/hpc.md
         cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
     conda:
         "../envs/ml.yaml"

@@ -16,7 +16,7 @@ rule train_grader:
     resources:
         mem_mb=scaled(6000),
         runtime=scaled(120),
-        gpu=GPU,
+        gpu=GPU * int(config.get("devices_per_job", 1)),  # data-parallel training: docs/hpc.md
         cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
     conda:
         "../envs/ml.yaml"
