@@ -79,10 +79,52 @@ def test_rule_environments_agree_with_project_pins():
     envs = sorted((REPO / "workflow/envs").glob("*.yaml"))
     assert {e.stem for e in envs} >= {"io", "seg", "ml", "report"}
     for env in envs:
+        if env.stem == "bioformats":  # numpy<2: its own documented exceptions, checked below
+            continue
         pins = _pins(env.read_text().splitlines())
         assert pins, f"{env} pins nothing"
         for name, version in pins.items():
             assert project.get(name) == version, f"{env.name}: {name}=={version} but requirements.txt has {project.get(name)}"
+
+
+def _commented_pins(lines) -> dict[str, tuple[str, str]]:
+    """{name: (version, trailing comment)} of the `name==version  # comment` lines."""
+    out = {}
+    for line in lines:
+        line = line.strip().lstrip("- ").strip()
+        if "==" in line and not line.startswith("#"):
+            pin, _, comment = line.partition("#")
+            name, version = pin.strip().split("==", 1)
+            out[name.lower()] = (version.strip(), comment.strip())
+    return out
+
+
+def test_bioformats_environment_pins_and_their_exceptions():
+    """bioformats.yaml (python-javabridge needs numpy<2) equals requirements.txt except on lines
+    that say why: `# differs: <why>` (in requirements.txt at another version) or
+    `# bioformats-only: <why>` (not in requirements.txt). A stale or silent exception fails."""
+    project = _pins((REPO / "requirements.txt").read_text().splitlines())
+    text = (REPO / "workflow/envs/bioformats.yaml").read_text()
+    pins = _commented_pins(text.splitlines())
+    assert {"numpy", "python-bioformats", "python-javabridge"} <= set(pins)
+    for name, (version, comment) in pins.items():
+        where = f"bioformats.yaml: {name}=={version}"
+        if comment.startswith("differs:"):
+            assert name in project, f"{where} says 'differs' but requirements.txt does not pin {name}"
+            assert project[name] != version, f"{where} says 'differs' but requirements.txt has the same version"
+            assert len(comment) > len("differs:") + 10, f"{where}: say why it differs"
+        elif comment.startswith("bioformats-only:"):
+            assert name not in project, f"{where} says 'bioformats-only' but requirements.txt pins {project.get(name)}"
+            assert len(comment) > len("bioformats-only:") + 10, f"{where}: say why it is needed"
+        else:
+            assert project.get(name) == version, (
+                f"{where} but requirements.txt has {project.get(name)}; make them equal or document the "
+                f"exception on the line (# differs: why / # bioformats-only: why)")
+    assert pins["numpy"][0].startswith("1.26.")
+    assert "- numpy=1.26.*" in text  # the conda-side numpy agrees with the pip pin
+    assert "- python=3.11" in text and "openjdk" in text
+    # every module the convert path imports at top level is pinned here
+    assert {"zarr", "tifffile", "pandas", "opencv-python-headless", "typer"} <= set(pins)
 
 
 def test_every_rule_declares_log_and_conda():
