@@ -65,6 +65,9 @@ PAIRS = sorted(set(slides.loc[MOV_SLIDES, "section"]))
 # Nucleus masks of test slides never train the segmenter (they stay available for evaluation).
 MASK_SLIDES = list(slides.index[slides["masks"].notna() & (slides["split"] != "test")])
 GRADE_SLIDES = list(slides.index[slides["grades"].notna()])
+# Slides read by Bio-Formats (sheet backend `bioformats`) are converted by rule convert_bioformats
+# in its own numpy<2 + Java environment; every other slide by rule convert.
+BIOFORMATS_SLIDES = [s for s in SLIDES if slides.loc[s].get("backend") == "bioformats"]
 GPU = int(config.get("gpus_per_job", 0))
 
 
