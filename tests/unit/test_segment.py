@@ -231,6 +231,26 @@ def test_cellpose_recipe_reaches_ap50(tmp_path):
     assert res["ap50"] >= 0.8, res
 
 
+def test_held_out_ap_leaves_out_nuclei_cut_by_the_tile_edge():
+    """A correct mask of an edge-cut nucleus that stops short of the edge is neither TP nor FP."""
+    from skimage.draw import disk
+
+    from cellstage.segment.train import held_out_counts
+
+    gt = np.zeros((64, 64), np.int32)
+    pr = np.zeros_like(gt)
+    gt[disk((20, 20), 6)] = 1                       # interior nucleus, found
+    pr[disk((20, 20), 6)] = 5
+    rr, cc = disk((3, 40), 7, shape=gt.shape)
+    gt[rr, cc] = 2                                   # cut by the top edge ...
+    pr[rr[rr >= 1], cc[rr >= 1]] = 7                 # ... its prediction ends one row short
+    gt[disk((45, 45), 6)] = 3                        # interior nucleus, missed → FN
+    pr[disk((45, 15), 5)] = 9                        # interior false positive → FP
+    c = held_out_counts([gt], [pr])
+    assert (c["tp"], c["fp"], c["fn"]) == (1, 1, 1) and c["ap"] == pytest.approx(1 / 3)
+    assert (c["naive_tp"], c["naive_fp"], c["naive_fn"]) == (1, 2, 1)
+
+
 def test_pretrained_by_name_falls_back_to_scratch_loudly(tmp_path, monkeypatch, caplog):
     """A model-zoo name whose weights are not in the local Cellpose folder: scratch, said so."""
     import json
