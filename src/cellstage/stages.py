@@ -45,7 +45,11 @@ def _read_level0(slide) -> np.ndarray:
 
 
 def train_segmenter(slide_paths, mask_paths, out_model, *, seg: Mapping, seed: int = 0, threads: int = 2) -> dict:
-    """Cellpose trained on whole training slides and their nucleus masks (tiled inside)."""
+    """Cellpose trained on whole training slides and their nucleus masks (tiled inside).
+
+    Resumable: rerun after a kill, it continues from ``<out_model>.ckpt/`` (see
+    :func:`cellstage.segment.train.fit_cellpose`).
+    """
     import tifffile
 
     from .io.omezarr import ZarrSlide
@@ -64,15 +68,23 @@ def train_segmenter(slide_paths, mask_paths, out_model, *, seg: Mapping, seed: i
         # Training material is small (masks are per-slide label images of annotated regions).
         images.append(_read_level0(slide))
         masks.append(mask.astype(np.uint32))
+    # config key -> train_segmenter argument; keys left out or null keep the function's default
+    # (the schema's defaults are the same), except nimg_per_epoch / eval_tiles where null means
+    # "all training tiles" / "all held-out tiles"
+    kinds = {"epochs": int, "learning_rate": float, "batch_size": int, "bsize": int,
+             "diam_mean": float}
+    opts = {k: f(seg[k]) for k, f in kinds.items() if seg.get(k) is not None}
+    for key, arg in (("nimg_per_epoch", "nimg_per_epoch"), ("eval_tiles", "max_eval_tiles")):
+        if key in seg:
+            opts[arg] = None if seg[key] is None else int(seg[key])
     result = _train(
         images,
         masks,
         out_model,
         pretrained=seg.get("pretrained"),
-        epochs=int(seg.get("epochs") or 200),
-        learning_rate=float(seg.get("learning_rate") or 0.005),
         diameter=seg.get("diameter"),
         seed=seed,
+        **opts,
     )
     log.info("segmenter trained: %s", result)
     return result

@@ -194,3 +194,58 @@ def test_lr_schedule_is_cellposes(n_epochs):
     assert len(lr) >= n_epochs and lr[0] == 0 and lr[min(n_epochs, 10) - 1] <= 0.005
     if n_epochs > 100:
         assert len(lr) == n_epochs and lr[-1] == pytest.approx(0.005 / 2**10)
+
+
+def _seg_train_keys() -> tuple:
+    import ast
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "workflow/rules/common.smk").read_text()
+    m = re.search(r"^_SEG_TRAIN_KEYS = \(.*?\)", text, flags=re.S | re.M)
+    return ast.literal_eval(m.group(0).split("=", 1)[1].strip())
+
+
+def test_stage_forwards_the_segmentation_config_and_defaults_agree(tmp_path, monkeypatch):
+    """config.yaml → schema defaults → rule params → stage → train_segmenter arguments."""
+    import inspect
+
+    import tifffile
+    import yaml
+    from snakemake.utils import validate
+
+    import cellstage.io.omezarr as omezarr
+    import cellstage.segment.train as seg_train
+    from cellstage import stages
+
+    repo = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((repo / "config/config.yaml").read_text())
+    validate(config, str(repo / "workflow/schemas/config.schema.yaml"))  # fills schema defaults
+    params = {k: config["segmentation"].get(k) for k in _seg_train_keys()}
+
+    class FakeSlide:
+        dimensions = (8, 8)
+
+        def __init__(self, path):
+            pass
+
+        def read_region(self, x, y, w, h, level=0):
+            return np.zeros((h, w, 3), np.uint8)
+
+    sig = inspect.signature(seg_train.train_segmenter)
+    seen = {}
+    monkeypatch.setattr(omezarr, "ZarrSlide", FakeSlide)
+    monkeypatch.setattr(tifffile, "imread", lambda p: np.zeros((8, 8), np.uint16))
+    monkeypatch.setattr(seg_train, "train_segmenter", lambda *a, **kw: seen.update(kw) or {})
+    stages.train_segmenter(["s.ome.zarr"], ["m.tiff"], tmp_path / "model", seg=params, seed=3,
+                           threads=None)
+    expect = {"epochs": 120, "nimg_per_epoch": 16, "batch_size": 4, "bsize": 64,
+              "max_eval_tiles": 64, "learning_rate": 0.005, "seed": 3}
+    for k, v in expect.items():
+        assert seen[k] == v, (k, seen[k])
+    # the demo config is the code's recipe, and the schema's defaults are the code's defaults
+    schema = yaml.safe_load((repo / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]["segmentation"]["properties"]
+    arg = {"eval_tiles": "max_eval_tiles"}
+    for key in ("epochs", "learning_rate", "nimg_per_epoch", "batch_size", "bsize", "diam_mean",
+                "eval_tiles"):
+        assert props[key]["default"] == sig.parameters[arg.get(key, key)].default, key

@@ -287,7 +287,8 @@ def report_inputs(wildcards):
 
 # Only the settings a rule uses are its params, so changing e.g. the inference tile size does not
 # retrain the segmenter.
-_SEG_TRAIN_KEYS = ("pretrained", "epochs", "learning_rate", "diameter")
+_SEG_TRAIN_KEYS = ("pretrained", "epochs", "learning_rate", "diameter", "nimg_per_epoch", "batch_size",
+                   "bsize", "diam_mean", "eval_tiles")
 _SEG_INFER_KEYS = ("method", "tile", "overlap", "diameter")
 
 
