@@ -7,9 +7,9 @@ ROI filtering, stitching, label writes); anchor = MP/s of a separate bare pass o
 The two passes alternate, ``BENCH_REPEATS`` times each, and the medians are compared (2 shared
 cores: alternating keeps both under the same machine load). Goal: overhead <= 15 % -> ratio >= 0.85.
 
-Model: ``CELLSTAGE_CELLPOSE_MODEL`` or ``results/segmenter/model`` when present, else a
-small model trained here on one synthetic section (~1 min; inference cost does not depend on how
-well it is trained, but the number of masks it finds does, so an untrained net is not used).
+Model: the ``cellpose_model`` fixture (``CELLSTAGE_CELLPOSE_MODEL``, else a small model trained
+from scratch on one synthetic section; inference cost does not depend on how well it is
+trained, but the number of masks it finds does, so an untrained net is not used).
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
 from _bench import write_result
 
-REPO = Path(__file__).resolve().parents[2]
 REPEATS = int(os.environ.get("BENCH_REPEATS", 3))
 
 
@@ -40,20 +38,7 @@ class RecordingSlide:
         return self.img[y:y + h, x:x + w]
 
 
-def _model(tmp_path) -> str:
-    p = os.environ.get("CELLSTAGE_CELLPOSE_MODEL") or str(REPO / "results" / "segmenter" / "model")
-    if Path(p).is_file():
-        return p
-    from cellstage.demo.render import render_section
-    from cellstage.segment.train import train_segmenter
-
-    sec = render_section(3, size=768, n_tubules=2, tubule_radius=(150.0, 200.0))
-    out = tmp_path / "model"
-    train_segmenter([sec.image], [sec.labels], out, epochs=101, max_eval_tiles=2)
-    return str(out)
-
-
-def test_bench_segment_tiled_vs_bare(tmp_path):
+def test_bench_segment_tiled_vs_bare(cellpose_model):
     import torch
     from shapely.geometry import Polygon
 
@@ -62,7 +47,7 @@ def test_bench_segment_tiled_vs_bare(tmp_path):
     from cellstage.segment.cellpose_seg import CellposeSegmenter
 
     torch.set_num_threads(2)
-    model = _model(tmp_path)
+    model = cellpose_model
     sec = render_section(5, size=1536, n_tubules=4, tubule_radius=(260.0, 360.0))
     rois = [(f"t{k}", Polygon(np.asarray(p, float))) for k, p in enumerate(sec.tubules)]
     seg = CellposeSegmenter(model, gpu=False)

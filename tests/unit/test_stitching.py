@@ -17,14 +17,13 @@ tubule ROIs, touching/overlapping nuclei 15-55 px):
 Segmenters: a perfect *oracle* (the ground truth cut to the read window, ids permuted) and a
 *perturbed oracle* (each tile grows or shrinks every object by 1 px and drops a few, so that
 neighbouring tiles disagree at their borders, as a real model does), then the classical
-segmenter (colour deconvolution + watershed, deterministic, fast). The same measurement with a
-trained Cellpose model runs when ``CELLSTAGE_CELLPOSE_MODEL`` points at a model file (slow: about
-10 s per megapixel on 2 CPU cores).
+segmenter (colour deconvolution + watershed, deterministic, fast), and a real Cellpose model
+(``CELLSTAGE_CELLPOSE_MODEL``, else one trained from scratch by the ``cellpose_model`` fixture;
+about 10 s per megapixel on 2 CPU cores).
 """
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -139,10 +138,12 @@ def split_dup(gt, pred, ids):
 def measure(sec, seg, tile, overlap, **kw):
     rois = _rois(sec)
     slide = ArraySlide(sec.image)
-    one = np.asarray(seg(sec.image, slide=None) if getattr(seg, "wants_slide", False) else seg(sec.image))
     tiled = np.zeros(sec.labels.shape, np.uint32)
     stats = segment_slide(slide, rois, None, tiled, tile=tile, overlap=overlap, progress=False,
                           segmenter=_bind(seg, slide), **kw)
+    # the same segmenter in one piece (after the tiled run: a Cellpose segmenter keeps the
+    # slide-level normalisation segment_slide fitted, so only the tiling differs)
+    one = np.asarray(seg(sec.image, slide=None) if getattr(seg, "wants_slide", False) else seg(sec.image))
     # one-piece result restricted to ROI nuclei like the tiled one
     one = np.isin(one, _in_roi_ids(one, rois)) * one
     gt = sec.labels
@@ -252,15 +253,13 @@ def test_segment_slide_classical_estimates_one_threshold(section):
     assert st["n_nuclei"] > 100 and ap50(section.labels, tiled, rois)[0] > 0.5
 
 
-@pytest.mark.skipif(not os.environ.get("CELLSTAGE_CELLPOSE_MODEL"),
-                    reason="set CELLSTAGE_CELLPOSE_MODEL=<model file> (slow: ~1 min on 2 cores)")
-def test_cellpose_tiled_vs_one_piece(section):
+def test_cellpose_tiled_vs_one_piece(section, cellpose_model):
     import torch
 
     from cellstage.segment.cellpose_seg import CellposeSegmenter
 
     torch.set_num_threads(2)
-    seg = CellposeSegmenter(os.environ["CELLSTAGE_CELLPOSE_MODEL"], gpu=False)
+    seg = CellposeSegmenter(cellpose_model, gpu=False)
     r = measure(section, seg, 256, 96)
     print({k: v for k, v in r.items() if k != "tiled"})
     assert r["stitch_rate"] <= 0.005, r

@@ -278,6 +278,9 @@ def segment_slide(
         thr = slide_threshold(slide, rois, cells, tile)
         extra["classical_threshold"] = round(thr, 6)
         seg, name = partial(segment_classical, threshold=thr), f"classical (threshold {thr:.3f})"
+    elif callable(getattr(seg, "fit_normalization", None)) and getattr(seg, "lowhigh", None) is None and cells:
+        # one intensity normalisation per slide, so the result does not depend on the tiling
+        extra["normalization_lowhigh"] = np.round(seg.fit_normalization(slide, cells, tile), 4).tolist()
     next_id = 1
     n_dup = n_out = 0
     mp = core_mp = 0.0
