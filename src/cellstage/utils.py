@@ -144,3 +144,28 @@ def redirect_output(logfile: str | os.PathLike):
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+_LIBC_TRIM = None
+
+
+def release_free_memory() -> None:
+    """Hand memory freed inside glibc's heaps back to the OS (``malloc_trim(0)``; no-op elsewhere).
+
+    Streaming loops that allocate and free tens of MB per step from several threads (one glibc
+    arena each) otherwise leave the freed pages resident, and RSS creeps with the number of steps
+    — i.e. with slide size. Called every few blocks, it keeps peak RSS flat at a cost of <1 %.
+    """
+    global _LIBC_TRIM
+    if _LIBC_TRIM is None:
+        _LIBC_TRIM = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                _LIBC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+                _LIBC_TRIM.argtypes = [ctypes.c_size_t]
+            except (OSError, AttributeError):
+                _LIBC_TRIM = False
+    if _LIBC_TRIM:
+        _LIBC_TRIM(0)

@@ -120,6 +120,22 @@ def test_index_columns_and_label_idx(data):
     assert idx["label_idx"].dtype == np.int64
 
 
+def test_index_streamed_in_row_groups_equals_one_piece(data, monkeypatch):
+    """The index parquet is written as the crops are (row groups of INDEX_ROWS rows, so no
+    per-nucleus table is held at the end): several row groups give the same table as one."""
+    import pyarrow.parquet as pq
+
+    from cellstage.crops import extract
+
+    d, *_ = data
+    _run(d, size=16, name="one", block=64)
+    monkeypatch.setattr(extract, "INDEX_ROWS", 2)
+    _run(d, size=16, name="many", block=64)
+    assert pq.ParquetFile(d / "one.parquet").num_row_groups == 1
+    assert pq.ParquetFile(d / "many.parquet").num_row_groups > 1
+    pd.testing.assert_frame_equal(pd.read_parquet(d / "one.parquet"), pd.read_parquet(d / "many.parquet"))
+
+
 def test_unknown_label_error_leaves_no_output(data):
     d, *_ = data
     cells = pd.read_parquet(d / "cells.parquet")

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..utils import CellstageError, atomic_path
+from ..utils import CellstageError, atomic_path, release_free_memory
 
+TRIM_EVERY = 8  # blocks between malloc_trim calls
+INDEX_ROWS = 65536  # rows per row group of the index parquet (written as the crops are)
 INDEX_COLUMNS = ["row", "cell_id", "slide", "section", "scan", "patient", "split", "label",
                  "label_idx", "centroid_x", "centroid_y", "distance_to_wall_um", "distance_norm"]
 
@@ -150,17 +152,32 @@ def _labels_array(labels_zarr):
     return arr
 
 
-def label_indices(labels: pd.Series, classes: list[str], source) -> tuple[np.ndarray, np.ndarray]:
-    """(label str array with "" for none, label_idx int array with -1 for none)."""
-    lab = labels.astype(object).where(labels.notna(), "").astype(str).to_numpy()
+def label_indices(labels: pd.Series, classes: list[str], source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row class codes without one Python string per row.
+
+    Returns ``(names, code, label_idx)``: ``names[code[i]]`` is row i's label ("" for none) and
+    ``label_idx[i]`` its index in ``classes`` (-1 for none). Unknown labels raise.
+    """
+    cat = labels.array if isinstance(labels.dtype, pd.CategoricalDtype) else pd.Categorical(labels)
+    names = [str(c) for c in cat.categories]
     lut = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({l for l in lab if l and l not in lut})
+    unknown = sorted({c for c in names if c and c not in lut})
     if unknown:
         raise CellstageError(
             f"{source}: unknown label(s) {unknown} not among the configured classes {list(classes)}"
         )
-    idx = np.fromiter((lut.get(l, -1) for l in lab), dtype=np.int64, count=len(lab))
-    return lab, idx
+    codes = np.asarray(cat.codes, dtype=np.int32)
+    codes = np.where(codes < 0, len(names), codes)  # missing -> the trailing ""
+    idx_of = np.array([lut.get(c, -1) for c in names] + [-1], dtype=np.int8 if len(classes) < 127 else np.int32)
+    return np.array(names + [""], dtype=object), codes, idx_of[codes]
+
+
+def _index_schema():
+    import pyarrow as pa
+
+    types = {"row": pa.int64(), "cell_id": pa.int64(), "label_idx": pa.int64(), "centroid_x": pa.float64(),
+             "centroid_y": pa.float64(), "distance_to_wall_um": pa.float64(), "distance_norm": pa.float64()}
+    return pa.schema([(c, types.get(c, pa.string())) for c in INDEX_COLUMNS])
 
 
 def extract_crops(
@@ -205,13 +222,20 @@ def extract_crops(
 
     wanted = ["cell_id", "centroid_x", "centroid_y", "label", "distance_to_wall_um", "distance_norm"]
     present = set(pq.read_schema(cells_parquet).names)
-    cells = pd.read_parquet(cells_parquet, columns=[c for c in wanted if c in present])  # not the whole table
+    # not the whole table, and labels as categories: no Python string per nucleus
+    import pyarrow as pa
+
+    cells = pq.read_table(cells_parquet, columns=[c for c in wanted if c in present],
+                          read_dictionary=["label"] if "label" in present else None)
+    cells = cells.to_pandas(split_blocks=True, self_destruct=True)
+    pa.default_memory_pool().release_unused()  # else arrow's pool keeps the table's buffers too
+    release_free_memory()
     for col in ("cell_id", "centroid_x", "centroid_y"):
         if col not in cells.columns:
             raise CellstageError(f"{cells_parquet}: cell table lacks column {col!r}")
     n = len(cells)
-    labels_str, label_idx = label_indices(
-        cells["label"] if "label" in cells.columns else pd.Series([""] * n), classes, cells_parquet
+    label_names, label_code, label_idx = label_indices(
+        cells["label"] if "label" in cells.columns else pd.Series(pd.Categorical([""] * n)), classes, cells_parquet
     )
     cx = cells["centroid_x"].to_numpy(np.float64)
     cy = cells["centroid_y"].to_numpy(np.float64)
@@ -235,7 +259,37 @@ def extract_crops(
 
     out_zarr, out_index = Path(out_zarr), Path(out_index)
     t_read = t_cut = 0.0
-    with atomic_path(out_index) as tmp_index:
+    schema = _index_schema()
+    const = {c: str(meta.get(c, "")) for c in ("slide", "section", "scan", "patient", "split")}
+    extra = {c: cells[c].to_numpy(np.float64) if c in cells.columns else None
+             for c in ("distance_to_wall_um", "distance_norm")}
+    pending: list[np.ndarray] = []  # cell positions (in block order) not yet in the index file
+    n_indexed = 0
+
+    def flush_index(iw, force=False):
+        """Append the pending rows to the index parquet as one row group (>= INDEX_ROWS rows)."""
+        nonlocal n_indexed
+        if not pending or (not force and sum(map(len, pending)) < INDEX_ROWS):
+            return
+        pos = np.concatenate(pending)
+        pending.clear()
+        m = len(pos)
+        cols = {
+            "row": np.arange(n_indexed, n_indexed + m, dtype=np.int64),
+            "cell_id": cell_ids[pos].astype(np.int64),
+            **{c: pa.DictionaryArray.from_arrays(np.zeros(m, np.int8), [v]) for c, v in const.items()},
+            "label": pa.DictionaryArray.from_arrays(label_code[pos], label_names.tolist()),
+            "label_idx": label_idx[pos].astype(np.int64),
+            "centroid_x": cx[pos],
+            "centroid_y": cy[pos],
+            **{c: (v[pos] if v is not None else np.full(m, np.nan)) for c, v in extra.items()},
+        }
+        arrays = [pa.array(cols[c]) if isinstance(cols[c], np.ndarray) else cols[c].cast(pa.string())
+                  for c in INDEX_COLUMNS]
+        iw.write_table(pa.Table.from_arrays(arrays, schema=schema))
+        n_indexed += m
+
+    with atomic_path(out_index) as tmp_index, pq.ParquetWriter(str(tmp_index), schema) as iw:
         with atomic_path(out_zarr) as tmp_zarr:
             root = zarr.open_group(str(tmp_zarr), mode="w", zarr_format=3)
             writer = CropStoreWriter(tmp_zarr, create_crop_arrays(root, n, size))
@@ -266,8 +320,12 @@ def extract_crops(
                         images, masked, masks = cut_cells(region, labreg, wy0[idx] - ry0, wx0[idx] - rx0,
                                                           cell_ids[idx], size)
                         writer.add(images=images, masked=masked, masks=masks)
+                    pending.append(idx_all)
+                    flush_index(iw)
                     t_cut += time.perf_counter() - t
                     del region, labreg
+                    if k % TRIM_EVERY == TRIM_EVERY - 1:
+                        release_free_memory()  # else freed pages pile up in the threads' arenas
             except BaseException:
                 writer.abort()
                 raise
@@ -297,27 +355,8 @@ def extract_crops(
                 }
             })
 
-            def col(name, default=np.nan):
-                if name in cells.columns:
-                    return cells[name].to_numpy()[order]
-                return np.full(n, default)
-
-            index = pd.DataFrame({
-                "row": np.arange(n, dtype=np.int64),
-                "cell_id": cell_ids[order].astype(np.int64),
-                "slide": str(meta.get("slide", "")),
-                "section": str(meta.get("section", "")),
-                "scan": str(meta.get("scan", "")),
-                "patient": str(meta.get("patient", "")),
-                "split": str(meta.get("split", "")),
-                "label": labels_str[order].astype(str) if n else np.array([], dtype=str),
-                "label_idx": label_idx[order].astype(np.int64),
-                "centroid_x": cx[order],
-                "centroid_y": cy[order],
-                "distance_to_wall_um": col("distance_to_wall_um").astype(np.float64),
-                "distance_norm": col("distance_norm").astype(np.float64),
-            }, columns=INDEX_COLUMNS)
-            index.to_parquet(tmp_index, index=False)
+            flush_index(iw, force=True)
+            assert n_indexed == n, (n_indexed, n)
         # zarr renamed into place here; parquet renamed last on leaving the outer block
     slide.close()
     dt = time.perf_counter() - t0

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import CellstageError, atomic_path
+from ..utils import CellstageError, atomic_path, release_free_memory
 from .chunks import chunk_writer, region_reader
 from .slide import Slide, open_slide
 
@@ -176,6 +176,7 @@ def convert_to_omezarr(
 
             writers = [chunk_writer(a) for a in arrays]
             _stream_pyramid(read_s0, writers, shapes, tile, workers)
+            release_free_memory()  # the tile threads' freed buffers: back to the OS, not kept for later stages
 
             info_meta = {
                 "source_path": str(Path(slide_path).resolve()),
