@@ -154,7 +154,8 @@ def release_free_memory() -> None:
 
     Streaming loops that allocate and free tens of MB per step from several threads (one glibc
     arena each) otherwise leave the freed pages resident, and RSS creeps with the number of steps
-    — i.e. with slide size. Called every few blocks, it keeps peak RSS flat at a cost of <1 %.
+    — i.e. with slide size. Called every 8 blocks of crop extraction it cost no time measurable
+    above run-to-run noise (~10 %) on a 60k² slide; every block cost ~25 %.
     """
     global _LIBC_TRIM
     if _LIBC_TRIM is None:
