@@ -218,13 +218,12 @@ def extract_crops(
     cells_parquet = Path(cells_parquet)
     if not cells_parquet.exists():
         raise CellstageError(f"{cells_parquet}: cell table not found")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     wanted = ["cell_id", "centroid_x", "centroid_y", "label", "distance_to_wall_um", "distance_norm"]
     present = set(pq.read_schema(cells_parquet).names)
     # not the whole table, and labels as categories: no Python string per nucleus
-    import pyarrow as pa
-
     cells = pq.read_table(cells_parquet, columns=[c for c in wanted if c in present],
                           read_dictionary=["label"] if "label" in present else None)
     cells = cells.to_pandas(split_blocks=True, self_destruct=True)
@@ -264,16 +263,16 @@ def extract_crops(
     extra = {c: cells[c].to_numpy(np.float64) if c in cells.columns else None
              for c in ("distance_to_wall_um", "distance_norm")}
     pending: list[np.ndarray] = []  # cell positions (in block order) not yet in the index file
-    n_indexed = 0
+    n_pending = n_indexed = 0
 
     def flush_index(iw, force=False):
         """Append the pending rows to the index parquet as one row group (>= INDEX_ROWS rows)."""
-        nonlocal n_indexed
-        if not pending or (not force and sum(map(len, pending)) < INDEX_ROWS):
+        nonlocal n_pending, n_indexed
+        if not n_pending or (not force and n_pending < INDEX_ROWS):
             return
         pos = np.concatenate(pending)
         pending.clear()
-        m = len(pos)
+        m, n_pending = len(pos), 0
         cols = {
             "row": np.arange(n_indexed, n_indexed + m, dtype=np.int64),
             "cell_id": cell_ids[pos].astype(np.int64),
@@ -321,6 +320,7 @@ def extract_crops(
                                                           cell_ids[idx], size)
                         writer.add(images=images, masked=masked, masks=masks)
                     pending.append(idx_all)
+                    n_pending += len(idx_all)
                     flush_index(iw)
                     t_cut += time.perf_counter() - t
                     del region, labreg

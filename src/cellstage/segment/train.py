@@ -18,9 +18,10 @@ AP@0.5 = TP / (TP + FP + FN) pooled over those tiles, without the nuclei cut by 
 Recipe (defaults; demo nuclei: 6 mask slides of 1536², 193 tiles of 256², 144 for training,
 49 held out, all 49 evaluated; 2 shared CPU cores): from scratch, ``diam_mean`` 17, crops of
 64², AdamW lr 0.005, 120 epochs of 16 crops in batches of 4 (4 steps per epoch, 480 steps).
-AP@0.5 on the 49 held-out tiles = 0.825 / 0.845 / 0.784 for split-and-initialisation seeds
-0 / 1 / 2 (mean 0.82; seed 2's held-out tiles have more thin, elongated interstitial nuclei,
-which are most of what is missed). Training ≈ 180-195 s and evaluation ≈ 50 s at a load
+AP@0.5 on the 49 held-out tiles: 0.800 for seed 0 in ``make demo`` (348 TP / 20 FP / 67 FN,
+the same in a separate rerun, 2026-12-01); an earlier sweep gave 0.825 / 0.845 / 0.784 for
+split-and-initialisation seeds 0 / 1 / 2 (its seed-0 figure was not reproduced; seed 2's held-out
+tiles have more thin, elongated interstitial nuclei, which are most of what is missed). Training ≈ 180-195 s and evaluation ≈ 50 s at a load
 of ~2 on 2 cores (several times longer when other jobs share the cores). Tried (AP@0.5, same
 49 tiles; seed 0 unless said):
 
