@@ -195,9 +195,9 @@ def write_cells_table(path, cx, cy, slide: str = "bench") -> None:
 
 
 def write_label_store(path, size: int, cx, cy, *, radius: int = 6, chunk: int = 512, mpp: float = 0.25) -> None:
-    """Label store (``cellstage.segment.tiling.create_labels``) with a disc of ``radius`` per
+    """Label store (``cellstage.io.labels.create_labels``) with a disc of ``radius`` per
     cell (id = row + 1), written one band of chunk rows at a time (empty chunks are not stored)."""
-    from cellstage.segment.tiling import create_labels
+    from cellstage.io.labels import create_labels
 
     arr = create_labels(path, (size, size), mpp=mpp, slide="bench", chunk=chunk)
     ix = np.floor(np.asarray(cx) + 0.5).astype(np.int64)
@@ -236,8 +236,9 @@ def rss_child_main(argv: list[str]) -> None:
     # VmHWM: this process's own peak RSS. (ru_maxrss of a child seen through wait4 is useless
     # here: Linux carries the forking parent's high-water mark across exec.)
     hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_mb": round(hwm_kb / 1024, 1), "convert_s": round(t1 - t0, 2), "crops_s": round(t2 - t1, 2),
-                      "convert_mp_s": conv["megapixels_per_s"], "crops_per_s": crops["crops_per_s"]}))
+    print(json.dumps({"peak_rss_mb": round(hwm_kb / 1024, 1), "convert_s": round(t1 - t0, 2),
+                      "crops_s": round(t2 - t1, 2), "convert_mp_s": conv["megapixels_per_s"],
+                      "crops_per_s": crops["crops_per_s"]}))
 
 
 if __name__ == "__main__":  # python _bench.py rss SLIDE OUT_ZARR LABELS CELLS CROPS_ZARR CROPS_INDEX

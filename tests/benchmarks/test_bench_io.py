@@ -13,10 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _bench
 import numpy as np
 import pytest
-
-import _bench
 from _bench import Timer, median, write_result
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", 3))
@@ -39,7 +38,7 @@ def test_conversion_throughput(throughput_slide, bench_dir):
     Anchor: libvips pyramid tiffsave of the same slide, 512² tiles, lossless deflate level 1
     (libvips' fastest lossless codec here: its wheel has no zstd). Goal: our time <= 2x libvips'."""
     from cellstage.io.omezarr import convert_to_omezarr
-    from cellstage.io.slide import open_slide
+    from cellstage.io.slides import open_slide
 
     with open_slide(throughput_slide) as s:
         mp = s.dimensions[0] * s.dimensions[1] / 1e6
@@ -97,7 +96,7 @@ def crop_store(small_set, small_zarr):
     rng = np.random.default_rng(0)
     sub = rng.choice(n, min(n, 3000), replace=False)  # the anchor's sample (rate is per crop)
     ours, anchor, stats = [], [], []
-    for r in range(REPEATS):
+    for _ in range(REPEATS):
         anchor.append(len(sub) / _openslide_crops(small_set.slide, small_set.cx[sub], small_set.cy[sub]))
         info = extract_crops(small_zarr, small_set.labels, small_set.cells, out, idx, size=80,
                              meta={"slide": "bench"}, classes=[])
@@ -122,12 +121,12 @@ def test_crop_extraction(crop_store, small_set):
 
 
 def test_random_crop_reads(crop_store, small_set):
-    """Ours: random single crops through cellstage.train.data.ZarrCropDataset (what a training
+    """Ours: random single crops through cellstage.training.data.ZarrCropDataset (what a training
     loader's __getitem__ does: zarr chunk read + decode + tensor). Anchor: OpenSlide
     read_region 80x80 at the same random cells of the source slide. Goal: >= 1x."""
     import pandas as pd
 
-    from cellstage.train.data import ZarrCropDataset, load_index
+    from cellstage.training.data import ZarrCropDataset, load_index
 
     out, idx, *_ = crop_store
     index = load_index([(str(out), str(idx))])

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
+from real_data import cmu_small_region_svs
 
 from cellstage.io import ZarrSlide, convert_to_omezarr, open_slide
 from cellstage.utils import CellstageError
-from real_data import cmu_small_region_svs
 
 REPO = Path(__file__).resolve().parents[2]
 BF_PYTHON = REPO / ".venv-bioformats/bin/python"
@@ -225,7 +225,8 @@ def test_ihc_lossless_tiff_identical_to_openslide_and_tifffile(bf, ihc_image):
             assert got.shape == (h, w, 3) and got.dtype == np.uint8, args
             for b, ref in refs.items():
                 want = ref.read_region(*args)
-                assert np.array_equal(got, want), f"bioformats differs from {b} at {args}: max |d| = {_maxdiff(got, want)}"
+                assert np.array_equal(got, want), \
+                    f"bioformats differs from {b} at {args}: max |d| = {_maxdiff(got, want)}"
     finally:
         for s in refs.values():
             s.close()

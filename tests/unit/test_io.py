@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from real_data import cmu_small_region_svs
 
 from cellstage.io import (
     ZarrSlide,
@@ -23,7 +24,6 @@ from cellstage.io import (
     write_polygons_geojson,
 )
 from cellstage.utils import CellstageError
-from real_data import cmu_small_region_svs
 
 MPP = 0.5
 

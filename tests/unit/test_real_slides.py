@@ -13,16 +13,15 @@ ROI (a plausible nucleus count and size, printed).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from real_data import cmu_small_region_svs
 
 from cellstage.io import ZarrSlide, convert_to_omezarr, open_slide
 from cellstage.segment.classical import segment_classical
 from cellstage.segment.tiling import segment_slide
-from real_data import cmu_small_region_svs
 
 SVS_MPP = 0.499
 IHC_MPP = 0.5

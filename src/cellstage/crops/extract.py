@@ -208,7 +208,7 @@ def extract_crops(
     import zarr
 
     from ..io.chunks import region_reader
-    from ..io.omezarr import ZarrSlide
+    from ..io.slides import ZarrSlide
     from .store import CropStoreWriter, create_crop_arrays
 
     t0 = time.perf_counter()

@@ -8,8 +8,8 @@ from .annotations import (
     write_points_geojson,
     write_polygons_geojson,
 )
-from .omezarr import ZarrSlide, check_omezarr, convert_to_omezarr
-from .slide import BACKENDS, Slide, open_slide
+from .omezarr import check_omezarr, convert_to_omezarr
+from .slides import BACKENDS, Slide, ZarrSlide, open_slide
 
 __all__ = [
     "BACKENDS", "Slide", "open_slide", "ZarrSlide", "convert_to_omezarr", "check_omezarr",

@@ -65,7 +65,7 @@ def read_polygons(
     classification: str | None = None,
     multipolygon: str = "largest",
     repair: bool = True,
-) -> list[tuple[str, "shapely.Polygon"]]:  # noqa: F821
+) -> list[tuple[str, shapely.Polygon]]:  # noqa: F821
     """(roi_id, Polygon) for every Polygon/MultiPolygon feature of a QuPath GeoJSON.
 
     * roi id = ``properties.name``, else the feature index; duplicates get ``_<index>``.
@@ -222,7 +222,8 @@ def write_cells_geojson(
         raise CellstageError(f"{path}: cells table lacks probability column {prob_col!r}")
     skip = {label_col, geometry_col, prob_col}
     num_cols = [c for c in cells.columns
-                if c not in skip and pd.api.types.is_numeric_dtype(cells[c]) and not pd.api.types.is_bool_dtype(cells[c])]
+                if c not in skip and pd.api.types.is_numeric_dtype(cells[c])
+                and not pd.api.types.is_bool_dtype(cells[c])]
     has_geom = geometry_col in cells.columns
     has_label = label_col in cells.columns
     feats = []
@@ -230,8 +231,8 @@ def write_cells_geojson(
     for i, row in enumerate(cells.itertuples(index=False)):
         r = dict(zip(cells.columns, row))
         geom = None
-        if has_geom and r[geometry_col] is not None and not (isinstance(r[geometry_col], float) and math.isnan(r[geometry_col])):
-            g = r[geometry_col]
+        g = r[geometry_col] if has_geom else None
+        if g is not None and not (isinstance(g, float) and math.isnan(g)):
             if isinstance(g, (str, bytes)):
                 g = shapely.from_wkt(g) if isinstance(g, str) else shapely.from_wkb(g)
             geom = mapping(g)

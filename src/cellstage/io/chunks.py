@@ -57,7 +57,7 @@ def region_reader(arr):
         ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0) for a, b, c in zip(lo, hi, chunks)]
         for coords in itertools.product(*ranges):
             src, dst = [], []
-            for k, (ci, c, a, b) in enumerate(zip(coords, chunks, lo, hi)):
+            for ci, c, a, b in zip(coords, chunks, lo, hi):
                 c0 = ci * c
                 s0, s1 = max(a, c0), min(b, c0 + c)
                 src.append(slice(s0 - c0, s1 - c0))

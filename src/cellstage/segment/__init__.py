@@ -6,11 +6,17 @@ Public API::
     segment_slide(slide, rois, model_path, write_labels, *, tile=1024, overlap=128, ...) -> dict
     segment_classical(rgb) -> labels
     create_labels(path, shape, *, mpp, slide) -> zarr array;  open_labels(path) -> zarr array
+    (the label store lives in cellstage.io.labels; re-exported here)
+
+Stage entry points (read inputs, call these, write outputs): :mod:`cellstage.segment.stage`.
+The held-out AP of ``train_segmenter`` is measured through the same ``CellposeSegmenter`` and
+per-slide normalisation that ``segment_slide`` uses (``cellstage.segment.train.predict_held_out``).
 """
 
+from ..io.labels import create_labels, labels_attrs, open_labels
 from .cellpose_seg import CellposeSegmenter
 from .classical import segment_classical
-from .tiling import create_labels, labels_attrs, open_labels, segment_slide, tile_grid
+from .tiling import segment_slide, tile_grid
 from .train import split_tiles, train_segmenter
 
 __all__ = [
