@@ -86,7 +86,7 @@ def capture_final_states(monkeypatch) -> list:
     states: list = []
     original = L.Callback.on_train_end
 
-    from cellstage.train import resume
+    from cellstage.training import resume
 
     def on_train_end(self, trainer, pl_module):
         states.append({k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()})
@@ -112,7 +112,7 @@ def _child(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    from cellstage.train import resume
+    from cellstage.training import resume
 
     pause_epoch, marker = spec["pause_epoch"], Path(spec["marker"])
 

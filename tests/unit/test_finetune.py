@@ -107,7 +107,7 @@ FAST = dict(n_folds=2, backbone="resnet18", epochs=2, batch_size=32, progress=Fa
 # ------------------------------------------------------------------ folds / data
 def test_make_folds_stratified_and_order_independent(sources):
     from cellstage.train import make_folds
-    from cellstage.train.data import load_index
+    from cellstage.training.data import load_index
 
     df = load_index(sources[0])
     f = make_folds(df, n_folds=3, seed=0)
@@ -136,7 +136,7 @@ def test_make_folds_grouped():
 
 
 def test_datamodule_splits_and_batches(sources):
-    from cellstage.train.datamodule import CropDataModule
+    from cellstage.training.data import CropDataModule
 
     dm = CropDataModule(sources[0], sources[1], fold=1, n_folds=2, batch_size=16, variant="masked")
     dm.setup()
@@ -148,7 +148,7 @@ def test_datamodule_splits_and_batches(sources):
     assert d.shape == (16,) and y.shape == (16,)
     assert len(dm.mean) == 3 and all(s > 0 for s in dm.std)
     # cached and lazy datasets give the same (un-augmented) items
-    from cellstage.train.data import ZarrCropDataset
+    from cellstage.training.data import ZarrCropDataset
 
     lazy = ZarrCropDataset(dm.val_index, "masked", None)
     i = 5
@@ -158,7 +158,7 @@ def test_datamodule_splits_and_batches(sources):
 def test_transforms_shapes():
     from PIL import Image
 
-    from cellstage.train.transforms import channel_stats, eval_transform, train_transform
+    from cellstage.training.transforms import channel_stats, eval_transform, train_transform
 
     img = (np.random.default_rng(0).random((80, 80, 3)) * 255).astype(np.uint8)
     mean, std = channel_stats(img[None])
@@ -192,6 +192,7 @@ def _check_metrics(m):
 
 def test_run_fold_outputs_and_determinism(sources, tmp_path):
     from cellstage.train import aggregate_folds, run_fold
+    from cellstage.utils import CellstageError
 
     train, test = sources
     outs = []
@@ -217,18 +218,23 @@ def test_run_fold_outputs_and_determinism(sources, tmp_path):
     assert len(h) == 2 and h["val_loss"].notna().all()
     assert not (outs[0] / "checkpoints").exists()
 
-    agg = aggregate_folds([o / "metrics.json" for o in outs])
+    agg = aggregate_folds([(name, o / "metrics.json") for name, o in zip(("a", "b"), outs)])
     # two experiments ("a", "b") of one fold each: fold row, mean, std per experiment
     assert list(agg["experiment"]) == ["a"] * 3 + ["b"] * 3
     assert list(agg["fold"]) == ["0", "mean", "std"] * 2
     mean = agg[(agg["fold"] == "mean")].iloc[0]
     assert mean["val_top1"] == pytest.approx(a["val"]["top1"])
     assert mean["test_adj1_dyn"] == pytest.approx(a["test"]["adj1_dyn"])
+    # names are given, never parsed from paths: a mapping {path: name} works too (and "-" in a name)
+    by_path = aggregate_folds({outs[0] / "metrics.json": "20x-bg-vit_small-x", outs[1] / "metrics.json": "b"})
+    assert list(by_path["experiment"]) == ["20x-bg-vit_small-x"] * 3 + ["b"] * 3
+    with pytest.raises(CellstageError, match="experiment_name"):
+        aggregate_folds([outs[0] / "metrics.json"])
 
 
 def test_run_fold_pretrained_distance_masked(sources, tmp_path):
-    from cellstage.backbones import create_backbone, save_weights
     from cellstage.train import run_fold
+    from cellstage.training.backbones import create_backbone, save_weights
 
     bb = create_backbone("resnet18", img_size=40)
     for p in bb.parameters():
@@ -243,8 +249,8 @@ def test_run_fold_pretrained_distance_masked(sources, tmp_path):
 
 
 def test_pretrained_weights_are_loaded(tmp_path):
-    from cellstage.backbones import create_backbone, save_weights
     from cellstage.train.classifier import CellClassifier
+    from cellstage.training.backbones import create_backbone, save_weights
 
     bb = create_backbone("resnet18", img_size=40)
     with torch.no_grad():
@@ -255,9 +261,9 @@ def test_pretrained_weights_are_loaded(tmp_path):
 
 
 def test_bad_pretrained_path_is_a_clear_error(sources, tmp_path):
-    from cellstage.backbones import create_backbone, save_weights
     from cellstage.train import run_fold
     from cellstage.train.classifier import CellClassifier
+    from cellstage.training.backbones import create_backbone, save_weights
     from cellstage.utils import CellstageError
 
     with pytest.raises(CellstageError, match="does not exist"):

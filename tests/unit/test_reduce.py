@@ -9,8 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from cellstage.reduce import (blur_filter, compactness_filter, grade_crops, lab_kmeans_nuclei,
-                              laplacian_variance, reduction_table, train_grader)
+from cellstage.reduce import (
+    blur_filter,
+    compactness_filter,
+    grade_crops,
+    lab_kmeans_nuclei,
+    laplacian_variance,
+    reduction_table,
+    train_grader,
+)
 from cellstage.utils import CellstageError
 
 torch.set_num_threads(2)
@@ -45,9 +52,12 @@ def synthetic_graded(n_per=40, size=32, seed=0):
     rng = np.random.default_rng(seed)
     crops, grades = [], []
     for _ in range(n_per):
-        crops.append(_paint(_disk(size, rng), rng)); grades.append(int(rng.integers(1, 3)))
-        crops.append(_paint(_fragments(size, rng), rng)); grades.append(5)
-        crops.append(_paint(np.zeros((size, size), bool), rng)); grades.append(6)
+        crops.append(_paint(_disk(size, rng), rng))
+        grades.append(int(rng.integers(1, 3)))
+        crops.append(_paint(_fragments(size, rng), rng))
+        grades.append(5)
+        crops.append(_paint(np.zeros((size, size), bool), rng))
+        grades.append(6)
     return np.stack(crops), np.array(grades)
 
 
@@ -120,6 +130,14 @@ def test_grader_separates_synthetic(tmp_path):
         assert (tmp_path / "g" / name).is_file()
     meta = json.loads((tmp_path / "g" / "grader.model.json").read_text())
     assert meta["backbone"] == "resnet18" and meta["img_size"] == 32
+    # the model is a module-level LightningModule: reloaded from the files, it reproduces the validation
+    # confusion matrix (rows: true useful/unsuitable) that training reported
+    from cellstage.reduce.grader import GraderModule, load_grader
+
+    net, _ = load_grader(tmp_path / "g")
+    assert type(net) is GraderModule and not net.training
+    cm = np.array(res["val"]["confusion_matrix"])
+    assert cm.shape == (2, 2) and cm.sum() == res["val"]["n_val"]
 
     # grade a crop source written per the contract
     import zarr

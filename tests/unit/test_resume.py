@@ -1,4 +1,5 @@
-"""The shared resume pieces (cellstage.train.resume) and the devices / SLURM switch of the trainers.
+"""The shared resume pieces (cellstage.training.resume), the one Trainer path
+(cellstage.training.fit.fit_resumable) and the devices / SLURM switch of the trainers.
 
 The real-kill tests of each trainer live next to its other tests:
 test_finetune.py / test_ssl.py / test_reduce.py ``test_*_killed_after_epoch_1_resumes_to_identical_weights``.
@@ -16,7 +17,7 @@ import torch
 from lightning.pytorch.plugins.environments import LightningEnvironment, SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from cellstage.train import resume
+from cellstage.training import resume
 
 SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "snakejob", "SLURM_PROCID": "0",
                   "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}
@@ -47,7 +48,8 @@ def test_epoch_sampler_draws_when_iteration_starts_not_when_the_iterator_is_made
 def test_loader_iterator_leaves_the_global_rng_alone():
     from torch.utils.data import DataLoader
 
-    dl = DataLoader(list(range(10)), batch_size=4, sampler=resume.EpochSampler(10), generator=resume.loader_generator(0))
+    dl = DataLoader(list(range(10)), batch_size=4, sampler=resume.EpochSampler(10),
+                    generator=resume.loader_generator(0))
     torch.manual_seed(7)
     before = torch.get_rng_state()
     iter(dl)
@@ -153,55 +155,141 @@ def test_device_count_parsing():
     assert resume.device_kwargs("auto") == {"devices": "auto", "strategy": "auto", "plugins": None}
 
 
-def test_trainers_take_their_devices_from_device_kwargs():
-    """Each trainer builds its Trainer with **device_kwargs(devices) (no private copy of the rule)."""
-    import importlib
+def _tiny_trainer_runs(tmp_path, devices):
+    """Run fine-tuning, SSL pretraining and the grader for 2 epochs each on tiny data."""
+    from test_finetune import make_crop_source
+    from test_reduce import synthetic_graded
+    from test_ssl import write_crop_source
+
+    from cellstage.reduce import train_grader
+    from cellstage.ssl import pretrain
+    from cellstage.train import run_fold
+
+    d = tmp_path / "crops"
+    d.mkdir()
+    train = [make_crop_source(d, "s1_20x", n_per_class=4, seed=1)]
+    common = dict(epochs=2, progress=False, accelerator="cpu", devices=devices)
+    yield "finetune", lambda: run_fold(train, [], tmp_path / "ft" / "fold0", fold=0, n_folds=2, batch_size=16,
+                                       **common)
+    src = write_crop_source(d, n=16)
+    yield "pretrain", lambda: pretrain("simclr", "resnet18", [src], tmp_path / "ssl", img_size=40, batch_size=8,
+                                       **common)
+    crops, grades = synthetic_graded(n_per=4, size=16)
+    yield "grader", lambda: train_grader(crops, grades, tmp_path / "grader", batch_size=8, **common)
+
+
+def test_every_trainer_builds_its_trainer_in_fit_resumable_and_checkpoints_every_epoch(tmp_path, monkeypatch):
+    """At run time: each trainer constructs ``lightning.Trainer`` only inside
+    ``cellstage.training.fit`` (with the devices / strategy / plugins of ``device_kwargs``), and a
+    checkpoint with its sidecar is written after every epoch."""
     import inspect
 
-    from cellstage.reduce import grader
-    from cellstage.train import cv
+    from lightning.pytorch.trainer.trainer import Trainer
 
-    pretrain_mod = importlib.import_module("cellstage.ssl.pretrain")  # the package exports the function
+    built, saved = [], []
+    init = Trainer.__init__
 
-    for fn in (cv.run_fold, pretrain_mod.pretrain, grader.train_grader):
-        src = inspect.getsource(fn)
-        assert "**device_kwargs(devices)" in src, fn.__name__
-        assert "LightningEnvironment" not in src, fn.__name__
+    def recording_init(self, *args, **kwargs):
+        caller = inspect.stack()[1].frame.f_globals.get("__name__")
+        built.append((caller, kwargs))
+        init(self, *args, **kwargs)
+
+    epoch_end = resume.EpochCheckpoint.on_train_epoch_end
+
+    def recording_epoch_end(self, trainer, pl_module):
+        epoch_end(self, trainer, pl_module)
+        saved.append((trainer.current_epoch, self.path.is_file(), resume.read_sidecar(self.path).get("epochs_done")))
+
+    monkeypatch.setattr(Trainer, "__init__", recording_init)
+    monkeypatch.setattr(resume.EpochCheckpoint, "on_train_epoch_end", recording_epoch_end)
+    for name, run in _tiny_trainer_runs(tmp_path, devices=1):
+        built.clear()
+        saved.clear()
+        run()
+        assert [c for c, _ in built] == ["cellstage.training.fit"], name
+        kw = built[0][1]
+        assert kw["devices"] == 1 and kw["strategy"] == "auto", name
+        assert [type(p) for p in kw["plugins"]] == [LightningEnvironment], name
+        assert saved == [(0, True, 1), (1, True, 2)], name
+
+
+def test_fit_resumable_restores_torchs_deterministic_flag(tmp_path):
+    """The Trainer turns deterministic algorithms on for the fit; afterwards the caller's setting is back."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cellstage.training.fit import fit_resumable
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.lin(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(False)
+    try:
+        fit = fit_resumable(Tiny(), train_loader=loader, ckpt_path_last=tmp_path / "last.ckpt",
+                            resume_config={"x": 1}, epochs=2, seed=0, accelerator="cpu", deterministic=True,
+                            progress=False, default_root_dir=tmp_path)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert fit.is_global_zero and not fit.resumed and (tmp_path / "last.ckpt").is_file()
+        again = fit_resumable(Tiny(), train_loader=loader, ckpt_path_last=tmp_path / "last.ckpt",
+                              resume_config={"x": 1}, epochs=3, seed=0, accelerator="cpu", deterministic=True,
+                              progress=False, default_root_dir=tmp_path)
+        assert again.resumed and again.resumed_from == 2 and again.trainer.current_epoch == 3
+        again.remove_checkpoint(remove_dir=False)
+        assert not (tmp_path / "last.ckpt").exists() and not resume.sidecar_path(tmp_path / "last.ckpt").exists()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def test_stages_pass_devices_to_the_trainers(tmp_path, monkeypatch):
-    from cellstage import stages
+    from cellstage.reduce.stage import train_grader
+    from cellstage.ssl.stage import pretrain
+    from cellstage.train.stage import finetune
 
     seen = {}
 
     def fake(name):
         def f(*args, **kwargs):
-            seen[name] = kwargs
+            seen[name] = (args, kwargs)
             return {}
         return f
 
     import importlib
 
     import cellstage.crops
-    import cellstage.io.omezarr
+    import cellstage.io.slides
     import cellstage.reduce.grader
     import cellstage.train.cv
 
     monkeypatch.setattr(cellstage.train.cv, "run_fold", fake("finetune"))
     monkeypatch.setattr(importlib.import_module("cellstage.ssl.pretrain"), "pretrain", fake("pretrain"))
     monkeypatch.setattr(cellstage.reduce.grader, "train_grader", fake("grader"))
-    monkeypatch.setattr(cellstage.io.omezarr, "ZarrSlide", lambda p: p)
-    monkeypatch.setattr(cellstage.crops, "crops_at_points", lambda s, x, y, size: np.zeros((len(x), size, size, 3), np.uint8))
+    monkeypatch.setattr(cellstage.io.slides, "ZarrSlide", lambda p: p)
+    monkeypatch.setattr(cellstage.crops, "crops_at_points",
+                        lambda s, x, y, size: np.zeros((len(x), size, size, 3), np.uint8))
 
-    exp = {"backbone": "resnet18", "scan": "20x", "background": True, "distance": False}
-    stages.finetune(train=[], test=[], pretrained=None, out_metrics=tmp_path / "f" / "metrics.json", fold=0,
-                    experiment=exp, finetune={}, scans={"20x": {"crop_size": 40}}, classes=["A", "B"],
-                    static_classes=["A"], devices=3)
-    stages.pretrain("simclr-resnet18-20x", [], [], [], tmp_path / "p" / "backbone.safetensors", pretrain={},
-                    scans={"20x": {"crop_size": 40}}, devices=3)
+    finetune(train_zarr=[], train_index=[], test_zarr=[], test_index=[], pretrained=None, out_dir=tmp_path / "f",
+             fold=0, backbone="resnet18", img_size=40, background=True, distance=False, n_folds=5, epochs=3,
+             batch_size=8, lr=1e-3, group_by=None, classes=["A", "B"], static_classes=["A"], seed=0, threads=None,
+             devices=3)
+    pretrain([], [], [], tmp_path / "p", method="simclr", backbone="vit-with-dash", img_size=40, variant="images",
+             epochs=2, batch_size=8, max_crops=None, seed=0, threads=None, devices=3)
     grades = tmp_path / "g.csv"
     pd.DataFrame({"x": [1, 2], "y": [1, 2], "grade": [1, 6]}).to_csv(grades, index=False)
-    stages.train_grader(["slide"], [grades], tmp_path / "grader", grading={}, size=16, devices=3)
-    assert seen["finetune"]["devices"] == seen["pretrain"]["devices"] == seen["grader"]["devices"] == 3
+    train_grader(["slide"], [grades], tmp_path / "grader", backbone="resnet18", epochs=8, batch_size=64,
+                 loss_weights={"useful": 3.0, "unsuitable": 1.0}, size=16, seed=0, threads=None, devices=3)
+    assert seen["finetune"][1]["devices"] == seen["pretrain"][1]["devices"] == seen["grader"][1]["devices"] == 3
+    # names are passed through, never split: a backbone with "-" reaches the trainer whole
+    assert seen["pretrain"][0][:2] == ("simclr", "vit-with-dash")
+    assert seen["grader"][1]["epochs"] == 8 and seen["finetune"][1]["epochs"] == 3
     # the grader's checkpoint is kept outside its directory() output, which Snakemake deletes on failure
-    assert seen["grader"]["checkpoint_dir"] == tmp_path / "grader.checkpoints"
+    assert seen["grader"][1]["checkpoint_dir"] == tmp_path / "grader.checkpoints"

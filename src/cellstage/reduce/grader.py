@@ -14,12 +14,17 @@ Files in ``out_dir``: ``grader.safetensors`` (full model: ``backbone.*`` + ``hea
 Resuming: while training, ``checkpoint_dir`` (default ``out_dir/checkpoints``; the workflow puts
 it next to ``results/grader``, which Snakemake deletes as a whole when the job fails) holds
 ``last.ckpt`` and its sidecar ``last.json``, replaced atomically after every epoch
-(:mod:`cellstage.train.resume`). Rerunning ``train_grader`` with the same crops, grades and
+(:func:`cellstage.training.fit.fit_resumable`). Rerunning ``train_grader`` with the same crops, grades and
 arguments continues from the last finished epoch; a checkpoint from other crops or arguments is
 ignored (logged) and training starts afresh. The folder is removed when training has finished.
 On CPU with ``num_workers=0`` the resumed result is bit-identical to an uninterrupted run
 (tests/unit/test_reduce.py::test_grader_killed_after_epoch_1_resumes_to_identical_weights:
 SIGKILL after epoch 1 of 4; same weights, metrics and history).
+
+The model is :class:`GraderModule`, a module-level LightningModule (timm backbone + linear 2-way
+head, class-weighted cross-entropy); data, augmentation (flips + 90° rotations), channel
+statistics, the training loop and the prediction loop are the shared ones of
+:mod:`cellstage.training`.
 """
 
 from __future__ import annotations
@@ -32,13 +37,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..utils import CellstageError, atomic_path, provenance, write_json
+from ..training.backbones import create_backbone, feature_dim
+from ..utils import CellstageError, provenance, write_json
 
 log = logging.getLogger("cellstage.reduce")
 
@@ -49,79 +57,33 @@ SIDECAR_FILE = "grader.model.json"
 METRICS_FILE = "grader.json"
 
 
-class GraderNet(nn.Module):
-    """timm backbone (``create_backbone``, pooled features) + a linear 2-way head."""
+class GraderModule(L.LightningModule):
+    """timm backbone (``create_backbone``, pooled features) + a linear 2-way head (useful,
+    unsuitable), trained with cross-entropy weighted by ``loss_weights`` (useful, unsuitable) and
+    AdamW at ``lr`` (torch's default weight decay 0.01). Its ``state_dict`` (``backbone.*``,
+    ``head.*``) is what ``grader.safetensors`` holds."""
 
-    def __init__(self, backbone: str = "resnet18", img_size: int | None = None) -> None:
+    def __init__(self, backbone: str = "resnet18", img_size: int | None = None, lr: float = 1e-3,
+                 loss_weights: tuple[float, float] = (3.0, 1.0)) -> None:
         super().__init__()
-        from ..backbones import create_backbone, feature_dim
-
+        self.save_hyperparameters()
         self.backbone = create_backbone(backbone, img_size=img_size)
         self.head = nn.Linear(feature_dim(self.backbone), len(CLASSES))
+        self.register_buffer("class_weight", torch.tensor([float(w) for w in loss_weights], dtype=torch.float32),
+                             persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, 2); ``distance`` (of the shared crop batches) is not used."""
         return self.head(self.backbone(x))
 
+    def training_step(self, batch, batch_idx):
+        x, _, y = batch
+        loss = F.cross_entropy(self(x), y, weight=self.class_weight)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
 
-class _Crops(Dataset):
-    """uint8 (N,H,W,3) -> normalised float (3,H,W); random flips + 90° rotations if ``augment``."""
-
-    def __init__(self, crops: np.ndarray, targets: np.ndarray, mean, std, augment: bool) -> None:
-        self.crops, self.targets, self.augment = crops, targets, augment
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def __getitem__(self, i):
-        x = torch.from_numpy(np.ascontiguousarray(self.crops[i])).permute(2, 0, 1).float().div_(255.0)
-        if self.augment:
-            if torch.rand(()) < 0.5:
-                x = x.flip(-1)
-            if torch.rand(()) < 0.5:
-                x = x.flip(-2)
-            x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
-        return (x - self.mean) / self.std, int(self.targets[i])
-
-
-def _module(net: GraderNet, weight: torch.Tensor, lr: float):
-    import lightning as L
-
-    class GraderModule(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-            self.criterion = nn.CrossEntropyLoss(weight=weight)
-            self.history: list[dict] = []
-            self._losses: list[torch.Tensor] = []
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = self.criterion(self.net(x), y)
-            self._losses.append(loss.detach().cpu())
-            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
-            return loss
-
-        def on_train_epoch_start(self) -> None:
-            self._losses = []
-
-        def on_train_epoch_end(self) -> None:
-            if self._losses:
-                self.history.append({"epoch": int(self.current_epoch) + 1,
-                                     "loss": float(torch.stack(self._losses).mean())})
-            self._losses = []
-
-        def on_save_checkpoint(self, checkpoint: dict) -> None:
-            checkpoint["cellstage_history"] = list(self.history)
-
-        def on_load_checkpoint(self, checkpoint: dict) -> None:
-            self.history = list(checkpoint.get("cellstage_history", []))
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.net.parameters(), lr=lr)
-
-    return GraderModule()
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
 def _check_grades(grades) -> np.ndarray:
@@ -155,15 +117,6 @@ def _split(grades: np.ndarray, binary: np.ndarray, val_fraction: float, seed: in
     raise CellstageError(f"grader: cannot split {len(idx)} crops with val_fraction={val_fraction}")
 
 
-@torch.no_grad()
-def _predict(net: nn.Module, loader, device) -> np.ndarray:
-    net.eval().to(device)
-    out = []
-    for x, *_ in loader:
-        out.append(torch.softmax(net(x.to(device)), dim=1)[:, 1].float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
-
-
 def train_grader(
     crops: np.ndarray,
     grades: np.ndarray,
@@ -195,12 +148,12 @@ def train_grader(
     checkpoint lives (default ``out_dir/checkpoints``; removed at the end); ``checkpoint_every``:
     every that many epochs (0: never). ``devices`` > 1 trains with DDP (rank 0 writes the files).
     """
-    import lightning as L
-
-    from ..backbones import save_weights
-    from ..train.resume import (EpochCheckpoint, EpochSampler, ReseedEveryEpoch, device_kwargs, find_resumable,
-                                loader_generator, read_sidecar, remove_checkpoint,
-                                resolve_deterministic)
+    from ..training.backbones import save_weights
+    from ..training.callbacks import LossHistory
+    from ..training.data import ArrayCropDataset
+    from ..training.fit import fit_resumable, predict_proba
+    from ..training.resume import EpochSampler, loader_generator, resolve_deterministic, seed_all
+    from ..training.transforms import channel_stats, grader_transform
 
     t0 = time.perf_counter()
     crops = np.asarray(crops)
@@ -217,21 +170,20 @@ def train_grader(
             "need both useful (1-4) and unsuitable grades"
         )
     lw = {"useful": 3.0, "unsuitable": 1.0, **(loss_weights or {})}
-    weight = torch.tensor([float(lw["useful"]), float(lw["unsuitable"])], dtype=torch.float32)
     tr, va = _split(g, y, val_fraction, seed)
-    train_px = crops[tr].reshape(-1, 3).astype(np.float64) / 255.0
-    mean, std = train_px.mean(0), np.maximum(train_px.std(0), 1e-3)
+    mean, std = channel_stats(crops[tr])
     img_size = int(crops.shape[1])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    L.seed_everything(seed, workers=True)
-    net = GraderNet(backbone, img_size=img_size)
-    module = _module(net, weight, lr)
+    seed_all(seed)
+    module = GraderModule(backbone, img_size=img_size, lr=float(lr),
+                          loss_weights=(float(lw["useful"]), float(lw["unsuitable"])))
     bs = int(min(batch_size, len(tr)))
-    train_loader = DataLoader(_Crops(crops[tr], y[tr], mean, std, augment=True), batch_size=bs,
-                              sampler=EpochSampler(len(tr), seed), drop_last=len(tr) > bs and len(tr) % bs == 1,
-                              num_workers=num_workers, generator=loader_generator(seed))
+    train_ds = ArrayCropDataset(crops[tr], y[tr], transform=grader_transform(mean, std, augment=True))
+    train_loader = DataLoader(train_ds, batch_size=bs, sampler=EpochSampler(len(tr), seed),
+                              drop_last=len(tr) > bs and len(tr) % bs == 1, num_workers=num_workers,
+                              generator=loader_generator(seed))
     config = {"backbone": backbone, "epochs": int(epochs), "batch_size": bs, "lr": float(lr),
               "val_fraction": float(val_fraction), "unsuitable_grades": list(unsuitable), "loss_weights": lw,
               "threshold": float(threshold), "seed": int(seed), "accelerator": accelerator,
@@ -241,41 +193,40 @@ def train_grader(
     resume_config = {**config, "data": data_digest, "shape": list(crops.shape),
                      "checkpoint_every": int(checkpoint_every)}
     ck_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
-    last = ck_dir / "last.ckpt"
-    ckpt_path = find_resumable(last, resume_config, what="grader")
-    resumed_from = read_sidecar(last).get("epochs_done") if ckpt_path else None
-    trainer = L.Trainer(
-        max_epochs=int(epochs), accelerator=accelerator, **device_kwargs(devices),
-        deterministic=resolve_deterministic(None, accelerator), logger=False,
-        callbacks=[ReseedEveryEpoch(seed), EpochCheckpoint(last, resume_config, checkpoint_every)],
-        enable_progress_bar=progress, enable_model_summary=False, default_root_dir=str(out_dir),
+    history = LossHistory()
+    fit = fit_resumable(
+        module, train_loader=train_loader, ckpt_path_last=ck_dir / "last.ckpt", resume_config=resume_config,
+        epochs=int(epochs), seed=seed, accelerator=accelerator, devices=devices,
+        deterministic=resolve_deterministic(None, accelerator), callbacks=[history], progress=progress,
+        checkpoint_every=checkpoint_every, default_root_dir=out_dir, what="grader",
     )
-    trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
-    if trainer.global_rank != 0:
+    if not fit.is_global_zero:
         return {}  # DDP: rank 0 evaluates and writes the files
 
     metrics: dict = {"n_val": int(len(va))}
     if len(va):
-        from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+        from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-        val_loader = DataLoader(_Crops(crops[va], y[va], mean, std, augment=False), batch_size=256)
-        p = _predict(net, val_loader, trainer.strategy.root_device)
+        from ..metrics import confusion
+
+        val_ds = ArrayCropDataset(crops[va], y[va], transform=grader_transform(mean, std, augment=False))
+        p = predict_proba(module, DataLoader(val_ds, batch_size=256), fit.device, n_classes=2)[:, 1].numpy()
         pred = (p >= threshold).astype(np.int64)
         metrics.update({
             "accuracy": float(accuracy_score(y[va], pred)),
             "balanced_accuracy": float(balanced_accuracy_score(y[va], pred)),
-            "confusion_matrix": confusion_matrix(y[va], pred, labels=[0, 1]).tolist(),
+            "confusion_matrix": confusion(y[va], pred, len(CLASSES)).tolist(),
             "confusion_matrix_labels": list(CLASSES),
             "accuracy_per_grade": {int(k): float((pred[g[va] == k] == y[va][g[va] == k]).mean())
                                    for k in GRADES if (g[va] == k).any()},
         })
-    net.cpu()
+    module.cpu()
     sidecar = {
         "backbone": backbone, "img_size": img_size, "threshold": float(threshold),
         "classes": list(CLASSES), "unsuitable_grades": list(unsuitable),
         "mean": [float(v) for v in mean], "std": [float(v) for v in std],
     }
-    save_weights(net, out_dir / WEIGHTS_FILE, metadata={k: json.dumps(v) for k, v in sidecar.items()})
+    save_weights(module, out_dir / WEIGHTS_FILE, metadata={k: json.dumps(v) for k, v in sidecar.items()})
     write_json(out_dir / SIDECAR_FILE, sidecar)
     result = {
         "val": metrics,
@@ -283,47 +234,29 @@ def train_grader(
         "n_train": int(len(tr)),
         "n_useful": int((y == 0).sum()),
         "n_unsuitable": int((y == 1).sum()),
-        "history": module.history,
+        "history": history.rows,
         "seconds": round(time.perf_counter() - t0, 3),
-        "resumed_from_epoch": resumed_from,
+        "resumed_from_epoch": fit.resumed_from,
         "config": config,
         "provenance": provenance(config),
     }
     write_json(out_dir / METRICS_FILE, result)
-    remove_checkpoint(last)
-    try:
-        ck_dir.rmdir()  # only if nothing else is in it
-    except OSError:
-        pass
+    fit.remove_checkpoint(remove_dir=True)  # the folder only if nothing else is in it
     return result
 
 
-def load_grader(model_dir: str | os.PathLike) -> tuple[GraderNet, dict]:
+def load_grader(model_dir: str | os.PathLike) -> tuple[GraderModule, dict]:
     """(model in eval mode, sidecar dict) from a ``train_grader`` output folder."""
-    from ..backbones import load_weights
+    from ..training.backbones import load_weights
 
     model_dir = Path(model_dir)
     side = model_dir / SIDECAR_FILE
     if not side.is_file():
         raise CellstageError(f"grader: {side} not found (train the grader first)")
     meta = json.loads(side.read_text())
-    net = GraderNet(meta["backbone"], img_size=int(meta["img_size"]))
+    net = GraderModule(meta["backbone"], img_size=int(meta["img_size"]))
     load_weights(net, model_dir / WEIGHTS_FILE)
     return net.eval(), meta
-
-
-class _Raw(Dataset):
-    def __init__(self, ds, mean, std) -> None:
-        self.ds = ds
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        x = torch.from_numpy(np.ascontiguousarray(self.ds.image(i))).permute(2, 0, 1).float().div_(255.0)
-        return ((x - self.mean) / self.std,)
 
 
 def grade_crops(
@@ -341,7 +274,9 @@ def grade_crops(
     are used; its transform is ignored). ``threshold`` None = the sidecar's (default 0.5);
     ``keep`` = p_unsuitable < threshold. ``variant`` must match what the grader was trained on.
     """
-    from ..train.data import ZarrCropDataset, load_index
+    from ..training.data import ArrayCropDataset, ZarrCropDataset, load_index
+    from ..training.fit import predict_proba
+    from ..training.transforms import grader_transform
 
     net, meta = load_grader(model_dir)
     thr = float(meta.get("threshold", 0.5) if threshold is None else threshold)
@@ -357,8 +292,8 @@ def grade_crops(
             f"{meta['img_size']}x{meta['img_size']} px crops"
         )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loader = DataLoader(_Raw(ds, meta["mean"], meta["std"]), batch_size=batch_size, shuffle=False)
-    p = _predict(net, loader, dev)
+    raw = ArrayCropDataset(ds.images(), transform=grader_transform(meta["mean"], meta["std"], augment=False))
+    p = predict_proba(net, DataLoader(raw, batch_size=batch_size, shuffle=False), dev, n_classes=2)[:, 1].numpy()
     return pd.DataFrame({
         "slide": idx["slide"].astype(str).to_numpy(),
         "cell_id": idx["cell_id"].astype("int64").to_numpy(),

@@ -49,10 +49,10 @@ def metric_boxplots(folds: pd.DataFrame, path, metrics=("top1", "adj1", "adj1_dy
 
 
 def confusion_figure(y_true, y_pred, classes, path, title="Confusion matrix"):
+    from ..metrics import confusion
+
     n = len(classes)
-    cm = np.zeros((n, n), dtype=int)
-    for t, p in zip(np.asarray(y_true, int), np.asarray(y_pred, int)):
-        cm[t, p] += 1
+    cm = confusion(y_true, y_pred, n)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1 + 0.7 * n, 0.8 + 0.7 * n))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)

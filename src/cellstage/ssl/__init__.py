@@ -7,8 +7,8 @@ Entry point: :func:`cellstage.ssl.pretrain.pretrain`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from . import dino, mae, simclr
 
@@ -29,6 +29,5 @@ METHODS: dict[str, MethodSpec] = {
 
 
 from .pretrain import pretrain  # noqa: E402  (the function shadows the submodule name)
-
 
 __all__ = ["METHODS", "MethodSpec", "pretrain"]

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..train.resume import CheckpointedPlateau
+from ..training.resume import CheckpointedPlateau
 
 
 class SSLModule(L.LightningModule):
@@ -18,7 +18,7 @@ class SSLModule(L.LightningModule):
     loss; here there is no labelled validation set inside pretraining, so the epoch-mean
     training loss is monitored (documented deviation). The module steps the scheduler itself at
     the end of each training epoch and keeps its state in the checkpoint
-    (:class:`cellstage.train.resume.CheckpointedPlateau`), so a resumed run reduces the learning
+    (:class:`cellstage.training.resume.CheckpointedPlateau`), so a resumed run reduces the learning
     rate exactly when an uninterrupted one does. ``history`` rows: epoch (1-based), mean loss,
     learning rate used in that epoch.
     """

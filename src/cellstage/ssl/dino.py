@@ -42,7 +42,7 @@ class DINO(SSLModule):
         from lightly.models.modules import DINOProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
-        from ..backbones import create_backbone, feature_dim
+        from ..training.backbones import create_backbone, feature_dim
 
         self.save_hyperparameters()
         extra = {"dynamic_img_size": True} if is_vit(backbone) else {}

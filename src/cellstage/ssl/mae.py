@@ -39,7 +39,7 @@ class MAE(SSLModule):
         from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
         from torch import nn
 
-        from ..backbones import create_backbone
+        from ..training.backbones import create_backbone
 
         self.save_hyperparameters()
         vit = create_backbone(backbone, img_size=img_size)

@@ -7,7 +7,7 @@ the run finished):
 - ``history.csv`` (epoch, loss, lr), ``loss.png`` (curve), ``pretrain.json`` (summary,
   config, provenance);
 - ``last.ckpt`` — Lightning checkpoint written (atomically replaced) after every epoch, with its
-  sidecar ``last.json`` (hash of the arguments, epochs done; :mod:`cellstage.train.resume`).
+  sidecar ``last.json`` (hash of the arguments, epochs done; :mod:`cellstage.training.resume`).
   A rerun with the same ``out_dir`` and the same arguments resumes from it; ``epochs`` is not
   part of the comparison, so a finished run can be continued to more epochs (the epoch counter
   continues; with ``epochs`` already reached nothing is trained and the outputs are rewritten from
@@ -18,7 +18,8 @@ the run finished):
   SIGKILL after epoch 1 of 4; same backbone weights and history).
 
 Cluster note: ``devices`` / ``strategy`` / ``plugins`` come from
-:func:`cellstage.train.resume.device_kwargs`: for single-device runs the trainer gets Lightning's
+:func:`cellstage.training.resume.device_kwargs` (through
+:func:`cellstage.training.fit.fit_resumable`): for single-device runs the trainer gets Lightning's
 plain ``LightningEnvironment`` plugin, so a job started inside a SLURM allocation (``snakemake
 --profile slurm``) is not auto-detected as a SLURM multi-process launch (Lightning's
 ``SLURMEnvironment`` would otherwise read ``SLURM_NTASKS``/``SLURM_PROCID`` and may refuse or
@@ -69,6 +70,19 @@ def _read_keep(keep) -> pd.DataFrame:
     out["cell_id"] = out["cell_id"].astype("int64")
     out["keep"] = out["keep"].astype(bool)
     return out.drop_duplicates(["slide", "cell_id"], keep="last")
+
+
+def keep_lists(grading_paths, index_paths) -> pd.DataFrame | None:
+    """Grading decisions (made on the reference scan) for every crop source, joined by section + cell id,
+    so the other scan of a section keeps exactly the cells its reference scan kept. None without
+    gradings; sections without a grading keep everything."""
+    if not grading_paths:
+        return None
+    grading = pd.concat([pd.read_parquet(p, columns=["section", "cell_id", "keep"]) for p in grading_paths])
+    index = pd.concat([pd.read_parquet(p, columns=["slide", "section", "cell_id"]) for p in index_paths])
+    keep = index.merge(grading, on=["section", "cell_id"], how="left")
+    keep["keep"] = keep["keep"].fillna(True).astype(bool)
+    return keep[["slide", "cell_id", "keep"]]
 
 
 def select_crops(index: pd.DataFrame, *, keep=None, max_crops: int | None = None, seed: int = 0) -> pd.DataFrame:
@@ -142,14 +156,20 @@ def pretrain(
     = the method's seed-000 default (1e-3 SimCLR/DINO, 1.5e-4 MAE). Returns the summary that is
     also written to ``pretrain.json``.
     """
-    import lightning as L
     import torch
     from torch.utils.data import DataLoader
 
-    from ..backbones import save_weights
-    from ..train.data import ZarrCropDataset, load_index
-    from ..train.resume import (EpochCheckpoint, EpochSampler, ReseedEveryEpoch, device_kwargs, find_resumable,
-                                loader_generator, resolve_deterministic)
+    from ..training.backbones import save_weights
+    from ..training.data import ZarrCropDataset, load_index
+    from ..training.fit import fit_resumable
+    from ..training.resume import (
+        EpochSampler,
+        config_hash,
+        loader_generator,
+        read_sidecar,
+        resolve_deterministic,
+        seed_all,
+    )
     from . import METHODS
 
     if method not in METHODS:
@@ -180,7 +200,7 @@ def pretrain(
     dataset = ZarrCropDataset(index, variant=variant, transform=transform)
     crop_shape = tuple(dataset.image(0).shape)
 
-    L.seed_everything(seed, workers=True)
+    seed_all(seed)
     model = spec.module(backbone, img_size, lr=lr, **(method_kwargs or {}))
     bs = int(min(batch_size, len(dataset)))
     loader = DataLoader(
@@ -196,24 +216,18 @@ def pretrain(
         "transform_kwargs": transform_kwargs or {}, "crops": _index_digest(index),
     }
     last = out_dir / "last.ckpt"
-    ckpt_path = find_resumable(last, resume_config, what=f"pretrain {method}/{backbone}")
-    resumed_from = None
-    if ckpt_path is not None:
+    resumed_from = None  # epochs in the checkpoint to resume (its history; the sidecar may lag one epoch)
+    if last.is_file() and read_sidecar(last).get("hash") == config_hash(resume_config):
         ck = torch.load(last, map_location="cpu", weights_only=False)
         resumed_from = len(ck.get("cellstage_history", []))
         del ck
-
-    trainer = L.Trainer(
-        max_epochs=int(epochs), accelerator=accelerator, **device_kwargs(devices),
+    fit = fit_resumable(
+        model, train_loader=loader, ckpt_path_last=last, resume_config=resume_config, epochs=int(epochs), seed=seed,
+        accelerator=accelerator, devices=devices,
         deterministic=resolve_deterministic(None, accelerator),  # True on CPU, "warn" on CUDA
-        logger=False, callbacks=[ReseedEveryEpoch(seed), EpochCheckpoint(last, resume_config)],
-        default_root_dir=str(out_dir), enable_progress_bar=progress, enable_model_summary=False,
-        num_sanity_val_steps=0,
+        progress=progress, default_root_dir=out_dir, what=f"pretrain {method}/{backbone}",
     )
-    t_fit = time.perf_counter()
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
-    fit_seconds = time.perf_counter() - t_fit
-    if trainer.global_rank != 0:
+    if not fit.is_global_zero:
         return {}  # DDP: rank 0 writes the outputs
     if resumed_from is not None and resumed_from >= int(epochs):
         # nothing trained: Lightning may not have restored the weights; load them explicitly
@@ -250,9 +264,9 @@ def pretrain(
         "n_crops_available": int(n_all),
         "steps_per_epoch": int(steps_per_epoch),
         "seconds": round(time.perf_counter() - t0, 3),
-        "seconds_per_epoch": round(fit_seconds / epochs_run, 3) if epochs_run > 0 else None,
+        "seconds_per_epoch": round(fit.fit_seconds / epochs_run, 3) if epochs_run > 0 else None,
         "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
-        "device": str(trainer.strategy.root_device),
+        "device": str(fit.device),
         "config": config,
         "provenance": provenance(inputs=[s[1] for s in sources]),
     }

@@ -33,7 +33,7 @@ class SimCLR(SSLModule):
         from lightly.loss import NTXentLoss
         from lightly.models.modules import SimCLRProjectionHead
 
-        from ..backbones import create_backbone, feature_dim
+        from ..training.backbones import create_backbone, feature_dim
 
         self.save_hyperparameters()
         self.backbone_model = create_backbone(backbone, img_size=img_size)

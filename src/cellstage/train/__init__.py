@@ -1,4 +1,7 @@
-"""cellstage.train: fine-tuning of cell-stage classifiers with k-fold cross-validation."""
+"""cellstage.train: fine-tuning of cell-stage classifiers with k-fold cross-validation.
+
+The Lightning layer underneath (fit, resume, data, transforms, backbones) is :mod:`cellstage.training`.
+"""
 
 from .cv import aggregate_folds, default_lr, make_folds, run_fold
 

@@ -8,7 +8,7 @@ used for missing distances) with probability ``distance_dropout_p``. AdamW, Redu
 
 The plateau scheduler is stepped by the module at the end of each validation epoch (with
 Lightning's epoch-mean ``val_loss``) and its state travels in the checkpoint
-(:class:`cellstage.train.resume.CheckpointedPlateau`), so the checkpoint written at the end of an
+(:class:`cellstage.training.resume.CheckpointedPlateau`), so the checkpoint written at the end of an
 epoch already holds the learning rate of the next one and a resumed run reduces the learning rate
 exactly when an uninterrupted run does.
 """
@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone, feature_dim, load_weights
+from ..training.backbones import create_backbone, feature_dim, load_weights
+from ..training.data import UNKNOWN_DISTANCE
+from ..training.resume import CheckpointedPlateau
 from ..utils import CellstageError
-from .resume import CheckpointedPlateau
 
-UNKNOWN_DISTANCE = -0.5
+__all__ = ["CellClassifier", "UNKNOWN_DISTANCE", "load_pretrained"]
 
 
 def load_pretrained(backbone: nn.Module, path: str | Path, backbone_name: str) -> None:
@@ -137,15 +138,8 @@ class CellClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.plateau.load(checkpoint)
 
-    @torch.no_grad()
     def predict_proba(self, loader) -> torch.Tensor:
         """Softmax probabilities over ``loader`` (eval mode, on the module's device)."""
-        was_training = self.training
-        self.eval()
-        out = []
-        for x, d, _ in loader:
-            out.append(torch.softmax(self(x.to(self.device), d.to(self.device)), dim=1).cpu())
-        self.train(was_training)
-        if not out:
-            return torch.zeros((0, self.hparams.n_classes))
-        return torch.cat(out)
+        from ..training.fit import predict_proba
+
+        return predict_proba(self, loader, n_classes=self.hparams.n_classes)

@@ -14,8 +14,9 @@ evaluates them on the validation fold and on the separate test slides. Outputs i
 Resuming: while training, ``out_dir/checkpoints/last.ckpt`` (Lightning checkpoint: weights,
 optimiser, LR-scheduler state, loop counters, and the best-epoch weights and history kept by
 callbacks) and its sidecar ``checkpoints/last.json`` (hash of the arguments, epochs done) are
-replaced atomically after every epoch (:mod:`cellstage.train.resume`). Rerunning ``run_fold``
-with the same arguments after a kill continues from the last finished epoch
+replaced atomically after every epoch (:func:`cellstage.training.fit.fit_resumable`,
+:mod:`cellstage.training.resume`). Rerunning ``run_fold`` with the same arguments after a kill
+continues from the last finished epoch
 (``Trainer.fit(ckpt_path=)``); with other arguments the checkpoint is ignored (logged) and the
 fold starts afresh. The checkpoint folder is deleted just before metrics.json is written. A
 resumed run is bit-identical to an uninterrupted one on CPU with ``num_workers=0`` (verified by
@@ -30,7 +31,7 @@ arguments: changing it changes the result). On CUDA, ``deterministic=None`` reso
 ``"warn"`` because ``AdaptiveAvgPool2d``'s CUDA backward has no deterministic kernel.
 
 SLURM / several devices: ``devices``, ``strategy`` and ``plugins`` come from
-:func:`cellstage.train.resume.device_kwargs` (one device: ``LightningEnvironment()``, so Lightning
+:func:`cellstage.training.resume.device_kwargs` (one device: ``LightningEnvironment()``, so Lightning
 does not take over the SLURM job step; several: DDP). With DDP only rank 0 evaluates and writes
 the outputs.
 """
@@ -43,7 +44,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,141 +52,20 @@ import pandas as pd
 
 from ..metrics import compute_metrics
 from ..taxonomy import Taxonomy
+from ..training.folds import make_folds
 from ..utils import CellstageError, atomic_path, provenance, write_json
+
+__all__ = ["METRIC_KEYS", "aggregate_folds", "default_lr", "make_folds", "run_fold"]
 
 log = logging.getLogger("cellstage.train")
 
 METRIC_KEYS = ("top1", "top2", "adj1", "adj1_dyn")
 
 
-# --------------------------------------------------------------------------- folds
-def make_folds(
-    index_df: pd.DataFrame,
-    n_folds: int = 5,
-    seed: int = 0,
-    group_col: str | None = None,
-) -> np.ndarray:
-    """Fold id (0..n_folds-1) per row; -1 for unlabelled rows (``label_idx < 0``).
-
-    Stratified by ``label_idx`` (``StratifiedKFold``, shuffled with ``seed``); with
-    ``group_col`` (e.g. "patient" or "slide") rows of one group stay in one fold
-    (``StratifiedGroupKFold``). The assignment does not depend on the row order of
-    ``index_df`` when it has ``slide`` and ``cell_id`` columns (rows are ordered by them first),
-    so all configurations of an experiment share the same folds.
-    """
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-    if "label_idx" not in index_df.columns:
-        raise CellstageError("make_folds: index has no label_idx column")
-    if n_folds < 2:
-        raise CellstageError(f"n_folds must be >= 2, got {n_folds}")
-    folds = np.full(len(index_df), -1, dtype=np.int64)
-    labels = index_df["label_idx"].to_numpy()
-    pos = np.flatnonzero(labels >= 0)
-    if len(pos) < n_folds:
-        raise CellstageError(f"make_folds: {len(pos)} labelled rows cannot fill {n_folds} folds")
-    sub = index_df.iloc[pos]
-    if {"slide", "cell_id"} <= set(sub.columns):
-        order = np.lexsort((sub["cell_id"].to_numpy(), sub["slide"].astype(str).to_numpy()))
-    else:
-        order = np.arange(len(pos))
-    y = labels[pos][order]
-    X = np.zeros((len(y), 1))
-    if group_col is None:
-        splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        splits = splitter.split(X, y)
-    else:
-        if group_col not in index_df.columns:
-            raise CellstageError(f"make_folds: group column {group_col!r} not in index")
-        groups = sub[group_col].astype(str).to_numpy()[order]
-        if len(np.unique(groups)) < n_folds:
-            raise CellstageError(
-                f"make_folds: {len(np.unique(groups))} distinct {group_col!r} values cannot fill "
-                f"{n_folds} folds; use fewer folds or no grouping"
-            )
-        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        splits = splitter.split(X, y, groups)
-    sorted_fold = np.empty(len(y), dtype=np.int64)
-    for k, (_, test_idx) in enumerate(splits):
-        sorted_fold[test_idx] = k
-    folds[pos[order]] = sorted_fold
-    return folds
-
-
 def default_lr(backbone: str) -> float:
     """Seed 000: 1e-3, but 1e-4 for ViT-S and ViT-B."""
     b = backbone.lower()
     return 1e-4 if any(s in b for s in ("vit_small", "vit_base", "deit_small", "deit_base")) else 1e-3
-
-
-# ----------------------------------------------------------------------- callbacks
-def _callbacks():
-    """(History, BestState): fine-tuning's callbacks whose state is kept in checkpoints.
-
-    The per-epoch checkpoint itself is :class:`cellstage.train.resume.EpochCheckpoint`.
-    """
-    import lightning as L
-
-    class History(L.Callback):
-        """Per-epoch row of losses, accuracy and the learning rate used in that epoch."""
-
-        def __init__(self):
-            self.rows: list[dict] = []
-            self._lr = math.nan
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            # read before the epoch: the module steps its plateau scheduler at validation end
-            self._lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            m = trainer.callback_metrics
-
-            def f(key):
-                v = m.get(key)
-                return float(v) if v is not None else math.nan
-
-            row = {
-                "epoch": int(trainer.current_epoch),
-                "train_loss": f("train_loss"),
-                "train_acc": f("train_acc"),
-                "val_loss": f("val_loss"),
-                "val_top1": f("val_acc"),
-                "lr": self._lr,
-            }
-            self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
-
-        def state_dict(self):
-            return {"rows": self.rows}
-
-        def load_state_dict(self, state):
-            self.rows = list(state.get("rows", []))
-
-    class BestState(L.Callback):
-        """Weights of the epoch with the lowest validation loss (in memory and checkpoints)."""
-
-        def __init__(self):
-            self.best_loss = math.inf
-            self.best_epoch = -1
-            self.best_state = None
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            v = trainer.callback_metrics.get("val_loss")
-            if v is None:
-                return
-            v = float(v)
-            if v < self.best_loss or self.best_state is None:
-                self.best_loss, self.best_epoch = v, int(trainer.current_epoch)
-                self.best_state = {k: t.detach().cpu().clone() for k, t in pl_module.state_dict().items()}
-
-        def state_dict(self):
-            return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "best_state": self.best_state}
-
-        def load_state_dict(self, state):
-            self.best_loss = float(state["best_loss"])
-            self.best_epoch = int(state["best_epoch"])
-            self.best_state = state["best_state"]
-
-    return History, BestState
 
 
 # ------------------------------------------------------------------------ helpers
@@ -197,12 +77,6 @@ def _nan_to_none(obj):
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
-
-
-def _resolve_deterministic(deterministic, accelerator: str):
-    from .resume import resolve_deterministic
-
-    return resolve_deterministic(deterministic, accelerator)
 
 
 def _check_sources(sources, what: str) -> list[tuple[str, str]]:
@@ -257,13 +131,13 @@ def run_fold(
     ``num_threads``: ``torch.set_num_threads`` for this process (e.g. Snakemake's ``{threads}``);
     on shared CPUs an oversubscribed thread count is several times slower than one thread.
     """
-    import lightning as L
     import torch
 
+    from ..training.callbacks import HISTORY_COLUMNS, BestState, History
+    from ..training.data import CropDataModule
+    from ..training.fit import fit_resumable
+    from ..training.resume import resolve_deterministic, seed_all
     from .classifier import CellClassifier
-    from .datamodule import CropDataModule
-    from .resume import (EpochCheckpoint, ReseedEveryEpoch, device_kwargs, find_resumable, read_sidecar,
-                         remove_checkpoint)
 
     t0 = time.time()
     if num_threads:
@@ -304,11 +178,11 @@ def run_fold(
         "devices": devices,
         "num_workers": int(num_workers),
         "num_threads": int(torch.get_num_threads()),  # changes results slightly
-        "deterministic": _resolve_deterministic(deterministic, accelerator),
+        "deterministic": resolve_deterministic(deterministic, accelerator),
         "checkpoint_every": int(checkpoint_every),
     }
 
-    L.seed_everything(seed, workers=True, verbose=False)
+    seed_all(seed)
     dm = CropDataModule(
         train_sources,
         test_sources,
@@ -337,7 +211,7 @@ def run_fold(
     config["img_size"] = int(img_size)
 
     # fresh model after seeding: identical initial weights for identical arguments
-    L.seed_everything(seed, workers=True, verbose=False)
+    seed_all(seed)
     model = CellClassifier(
         backbone_name=backbone,
         n_classes=taxonomy.n_classes,
@@ -353,41 +227,31 @@ def run_fold(
     )
 
     ck_dir = out_dir / "checkpoints"
-    last = ck_dir / "last.ckpt"
-    ckpt_path = find_resumable(last, config, what=f"fold {fold}")
-    resumed_from = read_sidecar(last).get("epochs_done") if ckpt_path else None
-
-    History, BestState = _callbacks()
     history, best = History(), BestState()
-    det = _resolve_deterministic(deterministic, accelerator)
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            accelerator=accelerator,
-            **device_kwargs(devices),
-            deterministic=det,
-            logger=False,
-            # our callbacks keep the best weights; EpochCheckpoint writes last.ckpt
-            callbacks=[ReseedEveryEpoch(seed), history, best, EpochCheckpoint(last, config, checkpoint_every)],
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=str(out_dir),
-        )
-        t_fit = time.time()
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        fit_seconds = time.time() - t_fit
-    finally:
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-    if trainer.global_rank != 0:
+    fit = fit_resumable(
+        model,
+        datamodule=dm,
+        ckpt_path_last=ck_dir / "last.ckpt",
+        resume_config=config,
+        epochs=epochs,
+        seed=seed,
+        accelerator=accelerator,
+        devices=devices,
+        deterministic=config["deterministic"],
+        callbacks=[history, best],  # our callbacks keep the best weights; EpochCheckpoint writes last.ckpt
+        progress=progress,
+        checkpoint_every=checkpoint_every,
+        default_root_dir=out_dir,
+        what=f"fold {fold}",
+    )
+    trainer = fit.trainer
+    if not fit.is_global_zero:
         return {}  # DDP: rank 0 evaluates and writes the outputs
 
     if best.best_state is None:
         raise CellstageError(f"fold {fold}: no validation loss was recorded; nothing to evaluate")
     model.load_state_dict(best.best_state)
-    model.to(trainer.strategy.root_device)
+    model.to(fit.device)
 
     results, frames = {}, []
     for split in ("val", "test"):
@@ -419,9 +283,7 @@ def run_fold(
     with atomic_path(out_dir / "predictions.parquet") as tmp:
         pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
     with atomic_path(out_dir / "history.csv") as tmp:
-        pd.DataFrame(history.rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "lr"]).to_csv(
-            tmp, index=False
-        )
+        pd.DataFrame(history.rows, columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
 
     out = {
         "val": results["val"],
@@ -432,32 +294,45 @@ def run_fold(
         "best_val_loss": float(best.best_loss),
         "n_train": int(len(dm.train_index)),
         "seconds": round(time.time() - t0, 3),
-        "fit_seconds": round(fit_seconds, 3),
-        "resumed": ckpt_path is not None,
-        "resumed_from_epoch": resumed_from,
+        "fit_seconds": round(fit.fit_seconds, 3),
+        "resumed": fit.resumed,
+        "resumed_from_epoch": fit.resumed_from,
         "normalisation": {"mean": dm.mean, "std": dm.std},
         "config": config,
         "provenance": provenance(),
     }
-    remove_checkpoint(last)
+    fit.remove_checkpoint()
     shutil.rmtree(ck_dir, ignore_errors=True)
     write_json(out_dir / "metrics.json", _nan_to_none(out))  # last: marks the fold finished
     return out
 
 
 # ---------------------------------------------------------------------- aggregation
-def aggregate_folds(metric_json_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+def aggregate_folds(metrics) -> pd.DataFrame:
     """One row per fold (``val_top1`` … ``test_adj1_dyn``, best_epoch, seconds) + mean and std.
 
-    ``experiment`` is the name of the folder above ``fold{k}/`` (results/finetune/{experiment}/
-    fold{k}/metrics.json); with several experiments, mean and std rows are per experiment.
-    std is the sample standard deviation (ddof=1) over folds.
+    ``metrics``: which experiment each fold's metrics.json belongs to — a mapping
+    ``{metrics_path: experiment_name}`` or a sequence of ``(experiment_name, metrics_path)``
+    pairs (names are given, never parsed from paths). With several experiments, mean and std rows
+    are per experiment, in the order experiments first appear. std is the sample standard
+    deviation (ddof=1) over folds.
     """
+    if isinstance(metrics, Mapping):
+        pairs = [(name, path) for path, name in metrics.items()]
+    else:
+        pairs = []
+        for item in metrics:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+                raise CellstageError(
+                    f"aggregate_folds: expected (experiment_name, metrics_path) pairs or a mapping "
+                    f"{{metrics_path: experiment_name}}, got {item!r}"
+                )
+            pairs.append((item[0], item[1]))
     rows = []
-    for p in metric_json_paths:
+    for experiment, p in pairs:
         p = Path(p)
         m = json.loads(p.read_text())
-        row = {"experiment": p.parent.parent.name, "fold": str(m.get("fold", p.parent.name))}
+        row = {"experiment": str(experiment), "fold": str(m.get("fold", p.parent.name))}
         for split in ("val", "test"):
             d = m.get(split) or {}
             for k in METRIC_KEYS:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 
@@ -30,7 +29,7 @@ def feature_dim(model: nn.Module) -> int:
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    from .utils import atomic_path
+    from ..utils import atomic_path
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:

@@ -2,7 +2,8 @@
 
 Fine-tuning (:func:`cellstage.train.cv.run_fold`), SSL pretraining
 (:func:`cellstage.ssl.pretrain.pretrain`) and the grading network
-(:func:`cellstage.reduce.grader.train_grader`) all use:
+(:func:`cellstage.reduce.grader.train_grader`) all train through
+:func:`cellstage.training.fit.fit_resumable`, which wires up:
 
 * :class:`EpochCheckpoint` — after every epoch the full Lightning checkpoint (weights, optimiser,
   loop counters, callback states, the module's own extra state) is written to ``<name>.tmp`` and
@@ -54,7 +55,9 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import Sampler
 
-log = logging.getLogger("cellstage.train")
+from ..utils import write_json
+
+log = logging.getLogger("cellstage.train")  # the trainers' logger (messages name the trainer)
 
 SIDECAR_SUFFIX = ".json"
 _ORDER_STREAM = 0x5A  # distinct seed streams for the sample order and the per-epoch reseed
@@ -101,6 +104,12 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def seed_all(seed: int) -> None:
+    """The trainers' one seeding call: ``lightning.seed_everything(seed, workers=True)`` (torch,
+    numpy, ``random``, and ``PL_SEED_WORKERS`` so DataLoader workers are seeded from it too)."""
+    L.seed_everything(int(seed), workers=True, verbose=False)
 
 
 def reseed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -168,14 +177,13 @@ def config_hash(config: Mapping) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _jsonable(config: Mapping) -> dict:
+    """``config`` as the sidecar stores it (values JSON cannot hold become their ``str``)."""
+    return json.loads(json.dumps(dict(config), default=str))
+
+
 def sidecar_path(ckpt: str | os.PathLike) -> Path:
     return Path(ckpt).with_suffix(SIDECAR_SUFFIX)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def read_sidecar(ckpt: str | os.PathLike) -> dict:
@@ -204,7 +212,7 @@ def find_resumable(ckpt: str | os.PathLike, config: Mapping, *, what: str) -> st
     for p in (ckpt, ckpt.with_name(ckpt.name + ".tmp"), sidecar_path(ckpt)):
         p.unlink(missing_ok=True)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(sidecar_path(ckpt), {"hash": h, "epochs_done": 0, "config": dict(config)})
+    write_json(sidecar_path(ckpt), {"hash": h, "epochs_done": 0, "config": _jsonable(config)})
     return None
 
 
@@ -226,7 +234,7 @@ class EpochCheckpoint(Checkpoint):
     def __init__(self, path: str | os.PathLike, config: Mapping, every: int = 1) -> None:
         self.path = Path(path)
         self.every = int(every)
-        self.meta = {"hash": config_hash(config), "config": dict(config)}
+        self.meta = {"hash": config_hash(config), "config": _jsonable(config)}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every <= 0 or (trainer.current_epoch + 1) % self.every:
@@ -236,7 +244,7 @@ class EpochCheckpoint(Checkpoint):
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
             done = int(trainer.current_epoch) + 1
-            _write_json_atomic(sidecar_path(self.path), {**self.meta, "epochs_done": done})
+            write_json(sidecar_path(self.path), {**self.meta, "epochs_done": done})
 
 
 # ----------------------------------------------------------------------------- devices

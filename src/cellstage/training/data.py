@@ -1,34 +1,161 @@
-"""LightningDataModule over crop sources with a cross-validation fold assignment.
+"""Crop datasets and the cross-validation data module of the trainers.
 
-Labelled rows (``label_idx >= 0``) of the *train* sources are split into ``n_folds`` folds
-(:func:`cellstage.train.cv.make_folds`); fold ``fold`` is validation, the others are training.
-*Test* sources are separate slides, evaluated only (their labelled rows). Normalisation uses
-the channel mean/std of this fold's training crops (seed 000 §4.2).
+A *crop source* is a pair (``results/crops/{slide}.zarr``, its index ``.parquet``). Items are
+read lazily, one crop at a time (:class:`cellstage.crops.store.CropStoreReader`), so memory does
+not grow with the data set (:class:`ZarrCropDataset`), or once into memory
+(:class:`CachedCropDataset`). :class:`ArrayCropDataset` serves crops already in memory (the
+grader's crops cut at graded points). Every dataset yields ``(image, distance, label)``.
 
+:class:`CropDataModule`: labelled rows (``label_idx >= 0``) of the *train* sources are split into
+``n_folds`` folds (:func:`cellstage.training.folds.make_folds`); fold ``fold`` is validation, the
+others are training. *Test* sources are separate slides, evaluated only (their labelled rows).
+Normalisation uses the channel mean/std of this fold's training crops (seed 000 §4.2).
 Crops are read once into memory by default (``cache=True``: 1,000 crops of 80×80×3 are 19 MB;
 the 5,200 of seed 000 are 100 MB), which removes a Zarr chunk decode per item and epoch.
 
-Training order: :class:`cellstage.train.resume.EpochSampler` (a permutation per epoch that
+Training order: :class:`cellstage.training.resume.EpochSampler` (a permutation per epoch that
 depends only on ``seed`` and the epoch), and every loader has its own ``torch.Generator``, so
 that a run resumed from a checkpoint sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from ..utils import CellstageError
-from .cv import make_folds
-from .data import VARIANTS, ZarrCropDataset, load_index
+from .folds import make_folds
 from .resume import EpochSampler, loader_generator
 from .transforms import channel_stats, eval_transform, train_transform
 
+VARIANTS = ("images", "masked")
 REQUIRED_COLUMNS = ("row", "cell_id", "slide", "label_idx")
+UNKNOWN_DISTANCE = -0.5  # seed 000's "unknown" distance (missing distances, distance dropout)
+
+
+def load_index(sources: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """Concatenate crop indices; adds ``source`` (position in ``sources``)."""
+    frames = []
+    for i, (zarr_path, index_path) in enumerate(sources):
+        df = pd.read_parquet(index_path)
+        df["source"] = i
+        df["zarr_path"] = str(zarr_path)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)
+
+
+class ZarrCropDataset(Dataset):
+    """(image, distance, label) per row of ``index`` (a frame from :func:`load_index`).
+
+    image: float tensor (3, H, W) in [0, 1] after ``transform`` (which receives a PIL image
+    when given, else the uint8 array is converted directly). distance: ``distance_norm`` as float
+    (NaN -> -0.5, the "unknown" value of seed 000's distance augmentation). label: ``label_idx``.
+    """
+
+    def __init__(
+        self,
+        index: pd.DataFrame,
+        variant: str = "images",
+        transform: Callable | None = None,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant: {variant!r} is not one of {VARIANTS}")
+        self.index = index.reset_index(drop=True)
+        self.variant = variant
+        self.transform = transform
+        self._arrays: dict[str, object] = {}
+        self._rows = self.index["row"].to_numpy()
+        self._paths = self.index["zarr_path"].to_numpy()
+        self._labels = (
+            self.index["label_idx"].to_numpy() if "label_idx" in self.index else np.full(len(self.index), -1)
+        )
+        dist = self.index["distance_norm"].to_numpy(dtype=float) if "distance_norm" in self.index else None
+        self._dist = np.nan_to_num(dist, nan=UNKNOWN_DISTANCE) if dist is not None else np.zeros(len(self.index))
+
+    def _array(self, path: str):
+        arr = self._arrays.get(path)
+        if arr is None:
+            from ..crops.store import CropStoreReader
+
+            arr = CropStoreReader(path, self.variant)  # one pread + decode per crop
+            self._arrays[path] = arr
+        return arr
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def image(self, i: int) -> np.ndarray:
+        return self._array(self._paths[i])[int(self._rows[i])]
+
+    def __getitem__(self, i: int):
+        img = self.image(i)
+        if self.transform is not None:
+            from PIL import Image
+
+            x = self.transform(Image.fromarray(img))
+        else:
+            x = torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0)
+        return x, torch.tensor(self._dist[i], dtype=torch.float32), int(self._labels[i])
+
+    def images(self) -> ImageSequence:
+        """The raw uint8 crops as a sequence (no transform), e.g. for :class:`ArrayCropDataset`."""
+        return ImageSequence(self)
+
+    def __getstate__(self):  # zarr handles are reopened in worker processes
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+
+class ImageSequence:
+    """``seq[i]`` = ``dataset.image(i)``: a dataset's raw crops, read on access."""
+
+    def __init__(self, dataset: ZarrCropDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.dataset.image(int(i))
+
+
+class ArrayCropDataset(Dataset):
+    """(image, distance, label) over crops already in memory.
+
+    ``images``: (N, H, W, 3) uint8 array or any sequence of such crops; ``labels``: (N,) ints
+    (None: -1); ``distances``: (N,) floats (None: all unknown, -0.5). ``transform`` receives the
+    uint8 (H, W, 3) array (e.g. :func:`cellstage.training.transforms.grader_transform`); without
+    one the crop is converted to float in [0, 1].
+    """
+
+    def __init__(self, images, labels=None, *, distances=None, transform: Callable | None = None) -> None:
+        self.images = images
+        n = len(images)
+        self.labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels)
+        self.distances = (np.full(n, UNKNOWN_DISTANCE) if distances is None
+                          else np.nan_to_num(np.asarray(distances, dtype=float), nan=UNKNOWN_DISTANCE))
+        if len(self.labels) != n or len(self.distances) != n:
+            raise ValueError(f"{n} images but {len(self.labels)} labels / {len(self.distances)} distances")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if self.transform is not None:
+            x = self.transform(img)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        return x, torch.tensor(self.distances[i], dtype=torch.float32), int(self.labels[i])
 
 
 class CachedCropDataset(ZarrCropDataset):

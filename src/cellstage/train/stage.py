@@ -1,0 +1,48 @@
+"""Stage entry point: one cross-validation fold of fine-tuning (the workflow's ``finetune`` rule).
+
+Writes ``out_dir/metrics.json`` (last), ``predictions.parquet`` and ``history.csv``
+(:func:`cellstage.train.cv.run_fold`). Every argument is the validated config value; nothing here
+holds a default.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..taxonomy import Taxonomy
+from ..utils import set_torch_threads
+
+
+def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index: list, pretrained: str | None,
+             out_dir: str | os.PathLike, fold: int, backbone: str, img_size: int, background: bool, distance: bool,
+             n_folds: int, epochs: int, batch_size: int, lr: float, group_by: str | None, classes: list[str],
+             static_classes: list[str], seed: int, threads: int | None, devices: int) -> dict:
+    """Train on all folds but ``fold`` of the train crops, evaluate on ``fold`` and the test crops.
+
+    ``background`` False trains on the masked crops (background removed); ``distance`` adds the
+    normalised distance to the tubule wall as an input; ``pretrained`` is an SSL backbone
+    (``backbone.safetensors``) or None (random init). ``devices`` > 1: DDP; resumes from
+    ``out_dir/checkpoints/last.ckpt``.
+    """
+    from .cv import run_fold
+
+    set_torch_threads(threads)
+    return run_fold(
+        list(zip(train_zarr, train_index)),
+        list(zip(test_zarr, test_index)),
+        out_dir,
+        fold=int(fold),
+        n_folds=int(n_folds),
+        taxonomy=Taxonomy(tuple(classes), tuple(static_classes)),
+        backbone=backbone,
+        img_size=int(img_size),
+        variant="images" if background else "masked",
+        use_distance=bool(distance),
+        pretrained_path=pretrained,
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        lr=float(lr),
+        group_col=group_by,
+        seed=int(seed),
+        devices=int(devices),
+    )
