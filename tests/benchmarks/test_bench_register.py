@@ -15,7 +15,6 @@ import time
 
 import cv2
 import numpy as np
-
 from _bench import write_result
 from slide_doubles import FakeSlide as ArraySlide  # noqa: E402
 
@@ -42,8 +41,7 @@ def _plain(ref, mov):
 
 def test_bench_register_pair():
     from cellstage.demo.generate import PRESETS
-    from cellstage.demo.render import (MPP_20X, MPP_40X, random_homography, render_scan_20x,
-                                       render_section)
+    from cellstage.demo.render import MPP_20X, MPP_40X, random_homography, render_scan_20x, render_section
     from cellstage.register import register_pair
 
     cv2.setNumThreads(2)

@@ -19,7 +19,6 @@ import statistics
 import time
 
 import numpy as np
-
 from _bench import write_result
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", 3))

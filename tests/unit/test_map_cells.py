@@ -1,4 +1,4 @@
-"""stages.map_cells: cells, labels, tubules and points of the reference scan on the other scan;
+"""register.stage.map_cells: cells, labels, tubules and points of the reference scan on the other scan;
 what maps outside that slide is listed, never clipped, and a failed registration maps nothing."""
 
 from __future__ import annotations
@@ -7,13 +7,15 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 import zarr
 from shapely.geometry import Polygon
 
-from cellstage import stages
 from cellstage.io import convert_to_omezarr, read_points, read_polygons, write_points_geojson, write_polygons_geojson
-from cellstage.segment.tiling import create_labels
+from cellstage.io.labels import create_labels
+from cellstage.register.mapping import OUTSIDE_COLUMNS, map_cell_table, map_points_report, outside_report
+from cellstage.register.stage import map_cells
 
 # 40x reference (400x400 px, 0.25 um/px) -> 20x target (150x150 px, 0.5 um/px): halve, shift by -20
 H = [[0.5, 0.0, -20.0], [0.0, 0.5, -20.0], [0.0, 0.0, 1.0]]
@@ -42,7 +44,7 @@ def _pair(tmp_path, ok=True):
 
 
 def _run(tmp_path):
-    return stages.map_cells(
+    return map_cells(
         tmp_path / "reg.json", tmp_path / "ref_cells.parquet", tmp_path / "ref_labels.zarr",
         tmp_path / "mov.ome.zarr", tmp_path / "out.parquet", tmp_path / "out_labels.zarr", slide_id="mov",
         tubules=tmp_path / "tubules.geojson", points=tmp_path / "points.geojson",
@@ -78,3 +80,23 @@ def test_a_pair_that_failed_registration_maps_nothing(tmp_path):
     assert len(pd.read_csv(tmp_path / "out.outside.csv")) == 0
     labels = zarr.open_group(str(tmp_path / "out_labels.zarr"), mode="r")
     assert not np.asarray(labels["labels"][:]).any() and labels["labels"].attrs["registration_ok"] is False
+
+
+def test_outside_report_lists_what_left_the_frame_with_source_and_mapped_coordinates():
+    """register.mapping.outside_report on its own: one row per cell / point / tubule off the
+    target slide, never clipped; an empty report still has its columns."""
+    cells = pd.DataFrame({"cell_id": [7, 8], "centroid_x": [100.0, 390.0], "centroid_y": [100.0, 390.0],
+                          "label": ["SC", ""]})
+    pts = pd.DataFrame({"x": [100.0, 395.0], "y": [100.0, 20.0], "label": ["SC", "P"]})
+    tubules = [("t_in", Polygon([(10, 10), (80, 10), (80, 80)])),
+               ("t_edge", Polygon([(100, 100), (180, 100), (180, 180)]))]
+    rep = outside_report((150, 150), cells=(cells, map_cell_table(cells, H, 0.5, (150, 150))),
+                         points=(pts, map_points_report(pts, H, (150, 150))[0]), tubules=tubules)
+    assert list(rep.columns) == OUTSIDE_COLUMNS
+    assert rep[["kind", "id", "label"]].values.tolist() == [["cell", "8", ""], ["point", "1", "P"],
+                                                            ["tubule", "t_edge", "Tubule"]]
+    assert rep.iloc[0][["source_x", "mapped_x", "mapped_y"]].tolist() == [390.0, 175.0, 175.0]
+    assert rep.iloc[1][["source_x", "source_y", "mapped_x", "mapped_y"]].tolist() == [395.0, 20.0, 177.5, -10.0]
+    assert rep.iloc[2]["mapped_x"] == pytest.approx(460 / 3) and np.isnan(rep.iloc[2]["source_x"])
+    empty = outside_report((150, 150))
+    assert list(empty.columns) == OUTSIDE_COLUMNS and len(empty) == 0

@@ -16,6 +16,9 @@ import pandas as pd
 import pytest
 from shapely.geometry import Polygon
 
+# test double for the slide reader: tests/slide_doubles.py
+from slide_doubles import FakeSlide
+
 from cellstage.register import (
     RegistrationResult,
     map_cell_table,
@@ -30,10 +33,6 @@ from cellstage.register import (
 )
 from cellstage.register.homography import local_scale_rotation
 from cellstage.utils import CellstageError
-
-
-# test double for the slide reader: tests/slide_doubles.py
-from slide_doubles import FakeSlide  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +286,7 @@ def _labels(h, w, seed=3):
     lab = np.zeros((h, w), np.uint32)
     ids = np.concatenate([[1, 65535, 65536, 70001, 2**31 + 5, 2**32 - 2],
                           rng.integers(65536, 2**32 - 1, 200)]).astype(np.uint32)
-    for k, i in enumerate(ids):
+    for i in ids:
         cv2.circle(lab.view(np.int32), (int(rng.integers(0, w)), int(rng.integers(0, h))),
                    int(rng.integers(3, 15)), int(np.array(i).view(np.int32)), -1)
     return lab
@@ -332,3 +331,36 @@ def test_warp_labels_zarr_roundtrip():
     one_shot = cv2.warpPerspective(src_np.view(np.int32), H, (130, 150),
                                    flags=cv2.INTER_NEAREST).view(np.uint32)
     assert np.array_equal(dst[:], one_shot)
+
+
+def test_configured_ransac_threshold_reaches_every_ransac_call(ref_img, tmp_path, monkeypatch):
+    """registration.ransac_threshold, given to the stage, is the threshold of every RANSAC fit:
+    coarse, guided and the level-0 refinement (none falls back to a hard-coded value)."""
+    import cellstage.register.stage as reg_stage
+
+    H_true = make_h_true(*CASES[1])
+    slides = {"ref.ome.zarr": FakeSlide(ref_img, 0.17, "sec_40x"),
+              "mov.ome.zarr": FakeSlide(make_mov(ref_img, H_true), 0.34, "sec_20x")}
+    monkeypatch.setattr(reg_stage, "ZarrSlide", lambda p: slides[str(p)])
+    calls = []
+    real = cv2.findHomography
+
+    def spy(src, dst, method=0, ransacReprojThreshold=None, *args, **kw):  # noqa: N803 (OpenCV's name)
+        calls.append((method, ransacReprojThreshold))
+        if ransacReprojThreshold is None:
+            return real(src, dst, method, *args, **kw)
+        return real(src, dst, method, ransacReprojThreshold, *args, **kw)
+
+    monkeypatch.setattr(cv2, "findHomography", spy)
+    for thr in (3.25, 7.5):
+        calls.clear()
+        data = reg_stage.register("ref.ome.zarr", "mov.ome.zarr", tmp_path / f"{thr}.json", tmp_path / f"{thr}.png",
+                                  n_features=10000, ransac_threshold=thr, min_inliers=30, min_inlier_ratio=0.1,
+                                  coarse_max_side=2048)
+        assert data["ok"] and data["stage"] == "refined", data["message"]
+        ransac = [t for m, t in calls if m == cv2.RANSAC]
+        assert len(ransac) >= 3  # brute-force coarse, guided coarse, refined level 0
+        assert ransac == [thr] * len(ransac)
+        assert {m for m, _ in calls} <= {cv2.RANSAC, 0}  # the rest: least-squares polish, no threshold
+        assert corner_error_ref_px(np.asarray(data["H"]), H_true) <= 1.0
+        assert json.loads((tmp_path / f"{thr}.json").read_text())["ok"] and (tmp_path / f"{thr}.png").is_file()

@@ -20,12 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from real_data import cmu_small_region_svs
+from slide_doubles import FakeSlide as ArraySlide
 
 from cellstage.register import map_points, register_pair
-
-
-from slide_doubles import FakeSlide as ArraySlide  # noqa: E402
-from real_data import cmu_small_region_svs
 
 
 def corner_error(H_est, H_true, w, h) -> float:

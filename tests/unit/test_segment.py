@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -113,7 +115,8 @@ def test_classical_segments_synthetic_nuclei():
 
 @pytest.mark.parametrize("mode", ["zarr", "callback"])
 def test_nucleus_on_tile_border_is_neither_split_nor_duplicated(tmp_path, mode):
-    from cellstage.segment import create_labels, open_labels, segment_classical, segment_slide
+    from cellstage.io.labels import create_labels, open_labels
+    from cellstage.segment import segment_classical, segment_slide
 
     tile, overlap = 256, 64
     H, W = 700, 900  # not multiples of the tile: partial edge tiles
@@ -195,8 +198,10 @@ def test_cellpose_train_save_load_and_tiled_inference(tmp_path):
     import json
 
     import torch
+    from skimage.segmentation import clear_border
 
-    from cellstage.segment import create_labels, labels_attrs, open_labels, segment_slide, train_segmenter
+    from cellstage.io.labels import create_labels, labels_attrs, open_labels
+    from cellstage.segment import segment_slide, train_segmenter
 
     torch.set_num_threads(2)
     pairs = [synthetic_nuclei((256, 256), seed=20 + i) for i in range(2)]
@@ -206,7 +211,13 @@ def test_cellpose_train_save_load_and_tiled_inference(tmp_path):
     assert out.is_file() and not list(out.parent.glob(".*tmp"))
     meta = json.loads((tmp_path / "segmenter" / "model.json").read_text())
     assert meta["n_train_tiles"] == 1 and meta["n_test_tiles"] == 1 and meta["epochs"] == 1
-    assert 0.0 <= res["ap50"] <= 1.0 and res["diameter"] > 20
+    # every nucleus of the held-out image not cut by its edge is either found or missed, and
+    # AP@0.5 = TP / (TP + FP + FN) of exactly those counts
+    [(k, y0, x0)] = meta["eval_tile_origins"]
+    interior = len(np.unique(clear_border(pairs[k][1][y0:y0 + 256, x0:x0 + 256]))) - 1
+    assert res["ap50_tp"] + res["ap50_fn"] == interior > 5
+    assert res["ap50"] == res["ap50_tp"] / (res["ap50_tp"] + res["ap50_fp"] + res["ap50_fn"])
+    assert res["diameter"] > 20 and meta["eval_normalization"] == "slide" and list(meta["eval_lowhigh"]) == [str(k)]
     img, _ = synthetic_nuclei((200, 180), seed=5)
     arr = create_labels(tmp_path / "s.zarr", (200, 180), mpp=0.17, slide="s")
     stats = segment_slide(ArraySlide(img), _full_roi((200, 180)), out, arr, tile=128, overlap=32,
@@ -229,6 +240,78 @@ def test_cellpose_recipe_reaches_ap50(tmp_path):
     pairs = [synthetic_nuclei((512, 512), seed=100 + i) for i in range(4)]
     res = train_segmenter([p[0] for p in pairs], [p[1] for p in pairs], tmp_path / "model", seed=0)
     assert res["ap50"] >= 0.8, res
+
+
+def _oracle_segmenter(monkeypatch, truth: dict, calls: list, *, miss: bool = False):
+    """Replace the production segmenter by one that returns the true labels of each tile (or
+    nothing with ``miss``) and records the normalisation bounds it was called with."""
+    from types import SimpleNamespace
+
+    import cellstage.segment.cellpose_seg as cps
+
+    class Oracle(cps.CellposeSegmenter):
+        def __init__(self, model_path, *, diameter=None, batch_size=8, channels=None, gpu=None):
+            assert Path(str(model_path)).is_file()  # the saved model is what gets evaluated
+            self.channels, self.diameter, self.batch_size = list(channels), diameter, batch_size
+            self.model = SimpleNamespace(nchan=2)
+            self.lowhigh = None
+
+        def __call__(self, rgb):
+            calls.append((rgb.tobytes(), None if self.lowhigh is None else self.lowhigh.copy()))
+            lab = truth[rgb.tobytes()]
+            return np.zeros_like(lab, np.uint32) if miss else lab.astype(np.uint32)
+
+    monkeypatch.setattr(cps, "CellposeSegmenter", Oracle)
+
+
+@pytest.mark.parametrize("miss", [False, True])
+def test_held_out_ap_is_measured_through_the_segmenter_with_its_slides_normalisation(tmp_path, monkeypatch,
+                                                                                      miss):
+    """The reported AP is that of the production segmenter: each held-out tile is segmented with
+    the normalisation fitted on the slide it was cut from (not on the tile), and a perfect
+    segmenter scores AP 1, one that finds nothing AP 0 with every interior nucleus a FN."""
+    import torch
+    from cellpose import transforms
+    from skimage.segmentation import clear_border
+
+    import cellstage.segment.train as seg_train
+    from cellstage.segment.train import split_tiles
+
+    torch.set_num_threads(2)
+    a, ga = synthetic_nuclei((256, 512), seed=40)
+    b, gb = synthetic_nuclei((256, 512), seed=41)
+    b = (b * 0.6).astype(np.uint8)  # a darker slide: its bounds differ from the first one's
+    b[:, 256:] = np.minimum(b[:, 256:].astype(int) + 60, 255).astype(np.uint8)  # and from its tiles'
+    images, masks = [a, b], [ga, gb]
+    tiles, tmasks, origins = split_tiles(images, masks, 256, with_origins=True)
+    truth = {t.tobytes(): m for t, m in zip(tiles, tmasks)}
+    calls: list = []
+    _oracle_segmenter(monkeypatch, truth, calls, miss=miss)
+    monkeypatch.setattr(seg_train, "fit_cellpose", lambda net, data, *a, **k: {
+        "train_losses": np.zeros(1), "resumed_from_epoch": None, "n_train": len(data)})
+    res = seg_train.train_segmenter(images, masks, tmp_path / "m", epochs=1, held_out_fraction=0.75,
+                                    tile_size=256, seed=0, checkpoint=False)
+    held = res["eval_tile_origins"]
+    assert res["n_test_tiles"] == len(held) == len(calls) == 3 and {k for k, _, _ in held} == {0, 1}
+    interior = sum(len(np.unique(clear_border(masks[k][y:y + 256, x:x + 256]))) - 1 for k, y, x in held)
+    if miss:
+        assert (res["ap50"], res["ap50_tp"], res["ap50_fp"], res["ap50_fn"]) == (0.0, 0, 0, interior)
+    else:
+        assert (res["ap50"], res["ap50_tp"], res["ap50_fp"], res["ap50_fn"]) == (1.0, interior, 0, 0)
+
+    def bounds(rgb):  # Cellpose's 1-99 % percentiles of an image, after its channel conversion
+        x = transforms.convert_image(rgb, [0, 0], nchan=2).astype(np.float32).reshape(-1, 2)
+        lo, hi = np.percentile(x, 1, axis=0), np.percentile(x, 99, axis=0)
+        flat = hi - lo <= 0
+        lo[flat], hi[flat] = 0.0, 1.0
+        return np.stack([lo, hi], axis=1)
+
+    origin_of = {t.tobytes(): o for t, o in zip(tiles, origins)}
+    for key, used in calls:
+        k, y, x = origin_of[key]
+        assert used is not None and np.allclose(used, bounds(images[k]))  # the whole slide's bounds
+        assert not np.allclose(used, bounds(images[k][y:y + 256, x:x + 256]))  # not the tile's own
+        assert np.allclose(res["eval_lowhigh"][str(k)], used, atol=1e-4)
 
 
 def test_held_out_ap_leaves_out_nuclei_cut_by_the_tile_edge():

@@ -1,7 +1,7 @@
 """Whole-slide segmentation memory is bounded by the tile, not the slide (issue 3, item 1).
 
 The same four tubule sections are placed on a 4,096² slide and on a 49,152² one (2.4
-gigapixels: a whole-slide label image alone would be 9.7 GB), and `stages.segment` (the real
+gigapixels: a whole-slide label image alone would be 9.7 GB), and `segment.stage.segment` (the real
 stage: OME-Zarr slide, tubule GeoJSON, label zarr written atomically; classical segmenter, so
 the test needs no model) runs on each in a fresh process. Peak RSS must not grow with the slide.
 """
@@ -18,7 +18,7 @@ import json, sys
 from pathlib import Path
 import numpy as np, zarr
 from shapely.geometry import Polygon
-from cellstage import stages
+from cellstage.segment.stage import segment
 from cellstage.demo.render import render_section
 from cellstage.io.annotations import write_polygons_geojson
 from cellstage.io.omezarr import ngff_multiscales
@@ -36,10 +36,11 @@ write_polygons_geojson(rois, out / "tubules.geojson", classification="Tubule")
 del sec, s0, root
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark: measure the stage alone
 rss0 = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
-stats = stages.segment(out / "slide.ome.zarr", out / "tubules.geojson", None, out / "labels.zarr",
-                       seg={"method": "classical", "tile": 1024, "overlap": 128}, threads=1)
+stats = segment(out / "slide.ome.zarr", out / "tubules.geojson", None, out / "labels.zarr",
+                method="classical", tile=1024, overlap=128, diameter=None, threads=1)
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_mb": hwm / 1024, "rss_before_mb": rss0 / 1024, "n_nuclei": stats["n_nuclei"], "n_tiles": stats["n_tiles"]}))
+print(json.dumps({"peak_rss_mb": hwm / 1024, "rss_before_mb": rss0 / 1024, "n_nuclei": stats["n_nuclei"],
+                  "n_tiles": stats["n_tiles"]}))
 '''
 
 

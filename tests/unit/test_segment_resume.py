@@ -196,31 +196,29 @@ def test_lr_schedule_is_cellposes(n_epochs):
         assert len(lr) == n_epochs and lr[-1] == pytest.approx(0.005 / 2**10)
 
 
-def _seg_train_keys() -> tuple:
-    import ast
-    import re
-
-    text = (Path(__file__).resolve().parents[2] / "workflow/rules/common.smk").read_text()
-    m = re.search(r"^_SEG_TRAIN_KEYS = \(.*?\)", text, flags=re.S | re.M)
-    return ast.literal_eval(m.group(0).split("=", 1)[1].strip())
-
-
 def test_stage_forwards_the_segmentation_config_and_defaults_agree(tmp_path, monkeypatch):
-    """config.yaml → schema defaults → rule params → stage → train_segmenter arguments."""
+    """config.yaml → schema defaults → rule params → stage (typed, no defaults) → train_segmenter."""
     import inspect
 
     import tifffile
     import yaml
     from snakemake.utils import validate
 
-    import cellstage.io.omezarr as omezarr
+    import cellstage.segment.stage as seg_stage
     import cellstage.segment.train as seg_train
-    from cellstage import stages
 
     repo = Path(__file__).resolve().parents[2]
     config = yaml.safe_load((repo / "config/config.yaml").read_text())
     validate(config, str(repo / "workflow/schemas/config.schema.yaml"))  # fills schema defaults
-    params = {k: config["segmentation"].get(k) for k in _seg_train_keys()}
+    stage_sig = inspect.signature(seg_stage.train_segmenter)
+    keys = [n for n, p in stage_sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in ("seed", "threads")]
+    # the stage repeats no default: every value comes from the validated config
+    assert all(p.default is inspect.Parameter.empty for p in stage_sig.parameters.values())
+    # ...and the rule passes each of them from the `segmentation` section
+    rule = (repo / "workflow/rules/segment.smk").read_text().split("rule train_segmenter:")[1].split("\nrule ")[0]
+    for k in keys:
+        assert f'config["segmentation"]["{k}"]' in rule, k
 
     class FakeSlide:
         dimensions = (8, 8)
@@ -233,13 +231,13 @@ def test_stage_forwards_the_segmentation_config_and_defaults_agree(tmp_path, mon
 
     sig = inspect.signature(seg_train.train_segmenter)
     seen = {}
-    monkeypatch.setattr(omezarr, "ZarrSlide", FakeSlide)
+    monkeypatch.setattr(seg_stage, "ZarrSlide", FakeSlide)
     monkeypatch.setattr(tifffile, "imread", lambda p: np.zeros((8, 8), np.uint16))
     monkeypatch.setattr(seg_train, "train_segmenter", lambda *a, **kw: seen.update(kw) or {})
-    stages.train_segmenter(["s.ome.zarr"], ["m.tiff"], tmp_path / "model", seg=params, seed=3,
-                           threads=None)
+    seg_stage.train_segmenter(["s.ome.zarr"], ["m.tiff"], tmp_path / "model",
+                              **{k: config["segmentation"][k] for k in keys}, seed=3, threads=None)
     expect = {"epochs": 120, "nimg_per_epoch": 16, "batch_size": 4, "bsize": 64,
-              "max_eval_tiles": 64, "learning_rate": 0.005, "seed": 3}
+              "max_eval_tiles": 64, "learning_rate": 0.005, "seed": 3, "pretrained": None, "diameter": None}
     for k, v in expect.items():
         assert seen[k] == v, (k, seen[k])
     # the demo config is the code's recipe, and the schema's defaults are the code's defaults

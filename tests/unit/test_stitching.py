@@ -24,7 +24,6 @@ about 10 s per megapixel on 2 CPU cores).
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi

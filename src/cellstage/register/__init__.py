@@ -1,5 +1,7 @@
-"""cellstage.register: ORB + RANSAC homography between the two scans of a section, and mapping
-of points, polygons, cell tables and label images through it (ref level-0 px → mov level-0 px)."""
+"""cellstage.register: ORB + RANSAC homography from a section's reference scan to one other scan
+of it (a section may have any number of scans: each non-reference one is registered on its own),
+and mapping of points, polygons, cell tables and label images through it (ref level-0 px → mov
+level-0 px). Stage entry points: :mod:`cellstage.register.stage`."""
 
 from .homography import RegistrationResult, register_pair
 from .mapping import (
@@ -7,6 +9,7 @@ from .mapping import (
     map_points,
     map_points_report,
     map_polygons,
+    outside_report,
     warp_labels,
     warp_labels_zarr,
 )
@@ -19,6 +22,7 @@ __all__ = [
     "map_points_report",
     "map_polygons",
     "map_cell_table",
+    "outside_report",
     "warp_labels",
     "warp_labels_zarr",
     "overlay_png",

@@ -17,15 +17,20 @@ coarse-to-fine:
    level-0 px) placed on coarse inliers; each ref window is read at full resolution and brought to
    the working scale (the coarser of the two native pixel sizes), the mov window predicted by the
    coarse H is warped into the same frame, ORB runs on both, matching is guided (mutual-nearest
-   Hamming within a few coarse residuals of the identity), keypoints are mapped to global level-0 coordinates of their own
-   slide, and one final ``findHomography(RANSAC, 5.0)`` in level-0 px gives H. Windows are read
-   with ORB's border (31 working px) of extra context so keypoints cover them up to their
-   edges. If refinement fails its checks, the coarse H is kept (and the message says so).
+   Hamming within a few coarse residuals of the identity), keypoints are mapped to global
+   level-0 coordinates of their own slide, and one final ``findHomography(RANSAC,
+   ransac_threshold)`` in level-0 px gives H. Windows are read with ORB's border (31 working
+   px) of extra context so keypoints cover them up to their edges. If refinement fails its
+   checks, the coarse H is kept (and the message says so).
 3. **Polish** (every RANSAC above): OpenCV's RANSAC output is not the least-squares fit of its
    inliers and, with thousands of ~1 px-noisy keypoints, its perspective terms wander (demo
    pairs: 0.2-2.3 px mean corner error at the 40x corners); H is re-fitted by least squares on
-   the inliers with residual ≤ min(5, 2 × median) (twice), which brings the demo pairs to
-   0.15-0.35 px (see ``_find_h``).
+   the inliers with residual ≤ min(ransac_threshold, 2 × median) (twice), which brings the demo
+   pairs to 0.15-0.35 px (see ``_find_h``).
+
+Every RANSAC call (coarse, guided, refined) uses the one configured ``ransac_threshold``
+(``registration.ransac_threshold``, 5.0 px by default as in the seed paper), in the pixels of the
+images it fits: coarse px for the coarse passes, level-0 px for the refinement.
 
 ``H`` maps **ref level-0 px → mov level-0 px** (x = column, y = row, pixel centres at integers).
 A bad pair never raises: the result has ``ok=False`` and a ``message`` saying why.
@@ -105,7 +110,7 @@ class RegistrationResult:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RegistrationResult":
+    def from_dict(cls, d: dict) -> RegistrationResult:
         kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         kw["H"] = np.asarray(d["H"], dtype=float)
         kw.setdefault("n_matches", int(d.get("matches", 0)))
@@ -585,7 +590,7 @@ def register_pair(
         log.warning("registration refinement failed: %s", e)
         ref_pts, mov_pts, info = np.zeros((0, 2)), np.zeros((0, 2)), {"error": str(e)}
     details["refine"] = info
-    Hf, inl_f = _find_h(ref_pts, mov_pts, 5.0)
+    Hf, inl_f = _find_h(ref_pts, mov_pts, ransac_threshold)
     if Hf is not None:
         Hf = Hf / Hf[2, 2]
     n_inl_f = int(inl_f.sum())

@@ -6,7 +6,7 @@ Points that land outside the target slide are *reported* (``inside`` = False), n
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import cv2
 import numpy as np
@@ -23,7 +23,12 @@ __all__ = [
     "map_cell_table",
     "warp_labels",
     "warp_labels_zarr",
+    "OUTSIDE_COLUMNS",
+    "outside_report",
 ]
+
+# columns of the outside-the-slide report (``results/annotations/{slide}.outside.csv``)
+OUTSIDE_COLUMNS = ["kind", "id", "label", "source_x", "source_y", "mapped_x", "mapped_y"]
 
 
 def _H(H) -> np.ndarray:
@@ -194,8 +199,8 @@ def warp_labels(
                 # tile straddles the horizon of the projective map: fall back to sub-tiles
                 half = max(1, tile // 2)
                 if half < tile:
-                    def sub_write(yy, xx, t, _y0=y0, _x0=x0):
-                        out[yy - _y0 : yy - _y0 + t.shape[0], xx - _x0 : xx - _x0 + t.shape[1]] = t
+                    def sub_write(yy, xx, t, _y0=y0, _x0=x0, _out=out):
+                        _out[yy - _y0 : yy - _y0 + t.shape[0], xx - _x0 : xx - _x0 + t.shape[1]] = t
                     _warp_region(src_labels_read, H, y0, x0, th, tw, sub_write, half, src_shape,
                                  margin)
                 write_tile(y0, x0, out)
@@ -275,3 +280,57 @@ def warp_labels_zarr(src_zarr_array, H, dst_zarr_array, tile: int = 1024) -> Non
         dst_zarr_array[y0 : y0 + t.shape[0], x0 : x0 + t.shape[1]] = t.astype(dst_zarr_array.dtype)
 
     warp_labels(read, H, tuple(dst_zarr_array.shape), write, tile, src_shape=(sh, sw))
+
+
+# ----------------------------------------------------------------------------------------------
+# what lands outside the target slide
+# ----------------------------------------------------------------------------------------------
+def outside_report(
+    target_dimensions,
+    *,
+    cells: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+    points: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+    tubules: list[tuple[object, shapely.Geometry]] | None = None,
+) -> pd.DataFrame:
+    """One row per cell, point annotation or tubule that maps outside the target slide.
+
+    Nothing is clipped: each row gives ``kind`` (cell, point, tubule), ``id``, ``label``, the
+    source coordinates and the mapped ones (:data:`OUTSIDE_COLUMNS`), as the mapping put them.
+
+    ``cells`` = (source cell table, :func:`map_cell_table` of it) (rows with ``inside`` False are
+    reported, joined to their source row by ``cell_id``); ``points`` = (source point table,
+    :func:`map_points_report` table of it) (rows with ``inside`` False, joined by index);
+    ``tubules`` = mapped ``[(id, geometry)]`` (those not covered by the slide frame
+    ``0 ≤ x ≤ width, 0 ≤ y ≤ height``, mapped centroid; tubules have no single source point).
+    ``target_dimensions`` = (width, height) of the target slide in level-0 px.
+    """
+    from shapely.geometry import box
+
+    frames = []
+    if cells is not None:
+        source, mapped = cells
+        off = mapped[~mapped["inside"].astype(bool)]
+        src = source.set_index("cell_id").loc[off["cell_id"]]
+        frames.append(pd.DataFrame({
+            "kind": "cell", "id": off["cell_id"].astype(str).to_numpy(),
+            "label": off["label"].to_numpy() if "label" in off else "",
+            "source_x": src["centroid_x"].to_numpy(), "source_y": src["centroid_y"].to_numpy(),
+            "mapped_x": off["centroid_x"].to_numpy(), "mapped_y": off["centroid_y"].to_numpy()}))
+    if points is not None:
+        source, mapped = points
+        off = mapped[~mapped["inside"].astype(bool)] if "inside" in mapped else mapped.iloc[0:0]
+        frames.append(pd.DataFrame({
+            "kind": "point", "id": off.index.astype(str), "label": off["label"].to_numpy(),
+            "source_x": source.loc[off.index, "x"].to_numpy(),
+            "source_y": source.loc[off.index, "y"].to_numpy(),
+            "mapped_x": off["x"].to_numpy(), "mapped_y": off["y"].to_numpy()}))
+    if tubules is not None:
+        w, h = (float(v) for v in target_dimensions)
+        frame = box(0, 0, w, h)
+        off_t = [(rid, g) for rid, g in tubules if not frame.covers(g)]
+        frames.append(pd.DataFrame({
+            "kind": "tubule", "id": [str(r) for r, _ in off_t], "label": "Tubule",
+            "source_x": np.nan, "source_y": np.nan,
+            "mapped_x": [g.centroid.x for _, g in off_t], "mapped_y": [g.centroid.y for _, g in off_t]}))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True)[OUTSIDE_COLUMNS] if frames else pd.DataFrame(columns=OUTSIDE_COLUMNS)

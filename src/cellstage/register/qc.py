@@ -104,5 +104,5 @@ def overlay_png(ref, mov, result: RegistrationResult, path: str | os.PathLike,
 
 
 def save_result(result: RegistrationResult, json_path: str | os.PathLike) -> None:
-    """Write ``result.to_dict()`` atomically (contract: results/registration/{section}.json)."""
+    """Write ``result.to_dict()`` atomically (contract: results/registration/{mov_slide}.json, one per moving slide)."""
     write_json(json_path, result.to_dict())

@@ -13,17 +13,31 @@ JSON are written.
 Images are cut into ``tile_size`` tiles; a deterministic ``held_out_fraction`` of them is kept
 for evaluation (up to ``max_eval_tiles`` evaluated, ~1 s per 256² tile on 2 CPU cores).
 AP@0.5 = TP / (TP + FP + FN) pooled over those tiles, without the nuclei cut by a tile edge
-(see :func:`held_out_counts`).
+(see :func:`held_out_counts`). The held-out tiles are segmented by the production segmenter as
+whole-slide inference runs it (:func:`predict_held_out`): the saved model file through
+:class:`~cellstage.segment.cellpose_seg.CellposeSegmenter`, with the intensity normalisation
+fitted once on the slide each tile was cut from, so the AP is the AP of what runs. (Until
+2026-12-02 each tile was normalised to its own percentiles, Cellpose's default; the figures
+below marked "per-tile" were measured that way.) The same model scores lower through the
+production path. On the demo's 49 held-out tiles (seed 0, the recipe below, 2026-12-02): the
+``make demo`` model (2 torch threads) 0.825 per-tile (358 TP / 19 FP / 57 FN) but 0.791
+(344 / 20 / 71) with slide normalisation; a model trained with 1 torch thread 0.807
+(351 / 20 / 64) per-tile, 0.753 (326 / 18 / 89) per slide. The network is trained on crops
+normalised per tile (Cellpose's training does that), and the tiles' own 1-99 % bounds spread
+widely (grey lo 71-170, hi 201-230) around their slides' (lo 83-94, hi ~228), so one
+slide-level normalisation is a shift from what it learned. (The ``make demo`` model's 0.825
+differs from the 0.800 below: same code and seed, a run on heavily shared cores, 2026-12-02.)
 
 Recipe (defaults; demo nuclei: 6 mask slides of 1536², 193 tiles of 256², 144 for training,
 49 held out, all 49 evaluated; 2 shared CPU cores): from scratch, ``diam_mean`` 17, crops of
 64², AdamW lr 0.005, 120 epochs of 16 crops in batches of 4 (4 steps per epoch, 480 steps).
-AP@0.5 on the 49 held-out tiles: 0.800 for seed 0 in ``make demo`` (348 TP / 20 FP / 67 FN,
-the same in a separate rerun, 2026-12-01); an earlier sweep gave 0.825 / 0.845 / 0.784 for
-split-and-initialisation seeds 0 / 1 / 2 (its seed-0 figure was not reproduced; seed 2's held-out
-tiles have more thin, elongated interstitial nuclei, which are most of what is missed). Training ≈ 180-195 s and evaluation ≈ 50 s at a load
-of ~2 on 2 cores (several times longer when other jobs share the cores). Tried (AP@0.5, same
-49 tiles; seed 0 unless said):
+AP@0.5 on the 49 held-out tiles (per-tile normalisation): 0.800 for seed 0 in ``make demo``
+(348 TP / 20 FP / 67 FN, the same in a separate rerun, 2026-12-01); an earlier sweep gave
+0.825 / 0.845 / 0.784 for split-and-initialisation seeds 0 / 1 / 2 (its seed-0 figure was not
+reproduced; seed 2's held-out tiles have more thin, elongated interstitial nuclei, which are most
+of what is missed). Training ≈ 180-195 s and evaluation ≈ 50 s at a load of ~2 on 2 cores
+(several times longer when other jobs share the cores). Tried (AP@0.5 per-tile, same 49 tiles;
+seed 0 unless said):
 
 * 200 epochs x 1 step of 8 crops (the previous default, ~130 s of training): 0.799 (seed 1:
   0.805); the same with crops of 128² and 2 per step (same pixels): 0.810; ``diam_mean`` 24:
@@ -98,15 +112,17 @@ def resolve_pretrained(pretrained) -> tuple[str | None, str]:
     return None, f"scratch ({msg})"
 
 
-def split_tiles(images, masks, tile_size: int = 256, min_objects: int = 1):
+def split_tiles(images, masks, tile_size: int = 256, min_objects: int = 1, *,
+                with_origins: bool = False):
     """Cut image/mask pairs into non-overlapping tiles (edge tiles shifted inwards).
 
     Tiles with fewer than ``min_objects`` labelled objects are skipped. Masks are relabelled
-    1..n per tile. Returns (list of (T,T,3) uint8, list of (T,T) int32).
+    1..n per tile. Returns (list of (T,T,3) uint8, list of (T,T) int32), and with
+    ``with_origins`` a third list of ``(image index, y0, x0)``: where each tile was cut from.
     """
     from skimage.segmentation import relabel_sequential
 
-    out_i, out_m = [], []
+    out_i, out_m, out_o = [], [], []
     for k, (img, m) in enumerate(zip(images, masks, strict=True)):
         img = np.asarray(img)
         m = np.asarray(m)
@@ -123,7 +139,8 @@ def split_tiles(images, masks, tile_size: int = 256, min_objects: int = 1):
                     continue
                 out_i.append(np.ascontiguousarray(img[y:y + ts_y, x:x + ts_x]))
                 out_m.append(relabel_sequential(mt.astype(np.int32))[0])
-    return out_i, out_m
+                out_o.append((k, y, x))
+    return (out_i, out_m, out_o) if with_origins else (out_i, out_m)
 
 
 CHECKPOINT_SUFFIX = ".ckpt"
@@ -380,6 +397,55 @@ def held_out_counts(gt_masks, pred_masks, threshold: float = 0.5) -> dict:
     return out
 
 
+class _ImageSlide:
+    """An in-memory image (a whole training slide's level 0) with the slide interface
+    (``dimensions``, ``read_region``) that :meth:`CellposeSegmenter.fit_normalization` reads."""
+
+    def __init__(self, image: np.ndarray):
+        img = np.asarray(image)
+        self.image = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+        self.dimensions = (self.image.shape[1], self.image.shape[0])
+
+    def read_region(self, x, y, w, h, level=0):
+        return self.image[y:y + h, x:x + w]
+
+
+# the windows over which a slide's normalisation is fitted: segment_slide's default inference tile
+NORM_TILE = 1024
+
+
+def predict_held_out(model_path, images, tiles, origins, *, diameter: float | None, channels,
+                     batch_size: int, gpu: bool | None = None,
+                     norm_tile: int = NORM_TILE) -> tuple[list, dict]:
+    """Labels of the held-out ``tiles`` from the production segmenter, normalised per slide.
+
+    The model runs as whole-slide inference runs it (:func:`cellstage.segment.tiling.segment_slide`):
+    a :class:`~cellstage.segment.cellpose_seg.CellposeSegmenter` whose intensity normalisation is
+    fitted once on the slide the tile was cut from (``fit_normalization`` over that slide's
+    ``norm_tile`` grid, the whole image as the region), never on the tile itself. ``origins[i]``
+    = ``(image index, y0, x0)`` of ``tiles[i]`` in ``images`` (see :func:`split_tiles`).
+    Returns (list of (T, T) int32 label images, {image index: fitted (nchan, 2) bounds}).
+    """
+    from shapely.geometry import box
+
+    from .cellpose_seg import CellposeSegmenter
+    from .tiling import tile_grid
+
+    seg = CellposeSegmenter(model_path, diameter=diameter, batch_size=batch_size,
+                            channels=channels, gpu=gpu)
+    pred: list = [None] * len(tiles)
+    lowhigh = {}
+    for k in sorted({int(o[0]) for o in origins}):
+        slide = _ImageSlide(images[k])
+        W, H = slide.dimensions
+        cells = tile_grid([("slide", box(0, 0, W, H))], (W, H), int(norm_tile))
+        lowhigh[k] = seg.fit_normalization(slide, cells, int(norm_tile)).copy()
+        for i, o in enumerate(origins):
+            if int(o[0]) == k:
+                pred[i] = np.asarray(seg(tiles[i])).astype(np.int32)
+    return pred, lowhigh
+
+
 def train_segmenter(
     images: list[np.ndarray],
     masks: list[np.ndarray],
@@ -419,7 +485,11 @@ def train_segmenter(
     smaller → faster training and inference.
     ``ap50`` = TP / (TP + FP + FN) at IoU 0.5 pooled over the evaluated held-out tiles,
     leaving out nuclei cut by a tile edge (:func:`held_out_counts`); ``ap50_all`` keeps them,
-    ``ap50_naive_border`` is the earlier ``clear_border``-on-both-masks figure.
+    ``ap50_naive_border`` is the earlier ``clear_border``-on-both-masks figure. The tiles are
+    segmented as :func:`~cellstage.segment.tiling.segment_slide` segments a slide
+    (:func:`predict_held_out`: the saved model, ``diameter`` as stored in its JSON, one intensity
+    normalisation per source image, recorded as ``eval_lowhigh``; ``eval_tile_origins`` lists
+    the evaluated tiles as (image index, y0, x0)).
     ``checkpoint``: write a resume checkpoint after every epoch into ``<out_path>.ckpt/`` and
     continue from one left by a killed run with the same inputs (see :func:`fit_cellpose`).
     Returns {"ap50", "n_train_tiles", "n_test_tiles", "epochs", "seconds", "diameter", ...}.
@@ -434,13 +504,13 @@ def train_segmenter(
         log.warning("train_segmenter: epochs=%d ≤ 100 — cellpose anneals the learning rate only "
                     "when n_epochs > 100; expect a clearly worse model (use e.g. 200)", int(epochs))
     seed_everything(seed)
-    tiles_i, tiles_m = split_tiles(images, masks, tile_size=tile_size)
+    tiles_i, tiles_m, tiles_o = split_tiles(images, masks, tile_size=tile_size, with_origins=True)
     n = len(tiles_i)
     if n < 2:
         raise CellstageError(f"train_segmenter: only {n} tile(s) with nuclei; need at least 2")
     order = np.random.default_rng(seed).permutation(n)
     n_test = min(n - 1, max(1, math.ceil(held_out_fraction * n))) if held_out_fraction > 0 else 0
-    test_idx, train_idx = sorted(order[:n_test]), sorted(order[n_test:])
+    train_idx = sorted(order[n_test:])
     if max_train_tiles is not None:
         train_idx = train_idx[:max_train_tiles]
     tr_i = [tiles_i[i] for i in train_idx]
@@ -449,6 +519,7 @@ def train_segmenter(
     eval_idx = [i for i in order[:n_test]][:max_eval_tiles] if max_eval_tiles else list(order[:n_test])
     te_i = [tiles_i[i] for i in sorted(eval_idx)]
     te_m = [tiles_m[i] for i in sorted(eval_idx)]
+    te_o = [tiles_o[i] for i in sorted(eval_idx)]
     channels = [int(c) for c in channels]
     if gpu is None:
         gpu = torch.cuda.is_available()
@@ -475,16 +546,20 @@ def train_segmenter(
     with atomic_path(out_path) as tmp:
         model.net.save_model(str(tmp))  # cellpose's own format: CellposeModel(pretrained_model=...)
     diam_labels = float(model.net.diam_labels.item())
+    # what the model's JSON will say, and so what whole-slide inference will use
+    diameter_used = float(diameter) if diameter else diam_labels
 
-    # evaluate the saved file (also proves it loads)
+    # evaluate the saved file (also proves it loads) the way segment_slide runs it: through
+    # CellposeSegmenter, each tile normalised with its slide's bounds (not its own percentiles)
     ap50 = ap50_all = float("nan")
     tp = fp = fn_ = 0
     counts = {}
+    lowhigh = {}
     if te_i:
-        ev = models.CellposeModel(gpu=gpu, pretrained_model=_check_model_path(out_path))
-        pred = ev.eval(te_i, channels=channels, diameter=diameter, batch_size=batch_size)[0]
+        pr, lowhigh = predict_held_out(_check_model_path(out_path), images, te_i, te_o,
+                                       diameter=diameter_used, channels=channels,
+                                       batch_size=int(batch_size), gpu=gpu)
         gt = [m.astype(np.int32) for m in te_m]
-        pr = [p.astype(np.int32) for p in pred]
         _, tps, fps, fns = metrics.average_precision(gt, pr, threshold=[0.5])
         ap50_all = float(tps.sum() / max(tps.sum() + fps.sum() + fns.sum(), 1))
         # main score: objects cut by the tile edge (partial in both masks) are left out
@@ -500,6 +575,10 @@ def train_segmenter(
         "n_train_tiles": len(tr_i),
         "n_test_tiles": len(te_i),  # tiles evaluated
         "n_held_out_tiles": int(n_test),
+        # evaluation = production inference: one intensity normalisation per source slide
+        "eval_normalization": "slide",
+        "eval_lowhigh": {str(k): np.round(v, 4).tolist() for k, v in lowhigh.items()},
+        "eval_tile_origins": [[int(v) for v in o] for o in te_o],  # (image index, y0, x0)
         "tile_size": tile_size,
         "epochs": int(epochs),
         "learning_rate": learning_rate,
@@ -511,7 +590,7 @@ def train_segmenter(
         "seconds": round(time.time() - t0, 2),
         "seconds_train": round(seconds_train, 2),
         "cpu_seconds": round(time.process_time() - c0, 2),
-        "diameter": float(diameter) if diameter else diam_labels,
+        "diameter": diameter_used,
         "diam_mean": float(model.diam_mean),
         "channels": channels,
         "pretrained": str(pretrained) if pretrained else None,

@@ -1,0 +1,109 @@
+"""Stage entry points of nucleus segmentation: train the Cellpose segmenter, segment a slide.
+
+Each function only reads the stage's inputs, calls the algorithms of :mod:`cellstage.segment` and
+writes the outputs atomically. Every keyword argument arrives validated from the workflow config
+(``segmentation`` section); the defaults live in the schema only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..io.annotations import check_inside, read_polygons
+from ..io.labels import create_labels
+from ..io.slides import ZarrSlide
+from ..utils import CellstageError, atomic_path, set_torch_threads
+
+log = logging.getLogger("cellstage.segment")
+
+
+def _read_level0(slide) -> np.ndarray:
+    w, h = slide.dimensions
+    return slide.read_region(0, 0, w, h, level=0)
+
+
+def train_segmenter(slide_paths, mask_paths, out_model, *, pretrained: str | None, diameter: float | None,
+                    epochs: int, learning_rate: float, batch_size: int, bsize: int, diam_mean: float,
+                    nimg_per_epoch: int | None, eval_tiles: int | None, seed: int, threads: int) -> dict:
+    """Cellpose trained on whole training slides and their nucleus masks (tiled inside).
+
+    Writes ``out_model`` (Cellpose's format) and ``<out_model>.json`` (AP@0.5 of the held-out
+    tiles, segmented as :func:`segment` segments a slide: one normalisation per slide).
+    ``nimg_per_epoch`` None = every training tile once per epoch; ``eval_tiles`` None = all
+    held-out tiles. Resumable: rerun after a kill, it continues from ``<out_model>.ckpt/`` (see
+    :func:`cellstage.segment.train.fit_cellpose`).
+    """
+    import tifffile
+
+    from .train import train_segmenter as _train
+
+    set_torch_threads(threads)
+    images, masks = [], []
+    for sp, mp in zip(slide_paths, mask_paths, strict=True):
+        slide = ZarrSlide(sp)
+        mask = tifffile.imread(mp)
+        if mask.shape[:2] != (slide.dimensions[1], slide.dimensions[0]):
+            raise CellstageError(
+                f"{mp}: mask shape {mask.shape[:2]} differs from slide {sp} level-0 shape "
+                f"{(slide.dimensions[1], slide.dimensions[0])}"
+            )
+        # Training material is small (masks are per-slide label images of annotated regions).
+        images.append(_read_level0(slide))
+        masks.append(mask.astype(np.uint32))
+    result = _train(
+        images,
+        masks,
+        out_model,
+        pretrained=pretrained,
+        diameter=diameter,
+        epochs=int(epochs),
+        learning_rate=float(learning_rate),
+        batch_size=int(batch_size),
+        bsize=int(bsize),
+        diam_mean=float(diam_mean),
+        nimg_per_epoch=None if nimg_per_epoch is None else int(nimg_per_epoch),
+        max_eval_tiles=None if eval_tiles is None else int(eval_tiles),
+        seed=int(seed),
+    )
+    log.info("segmenter trained: %s", result)
+    return result
+
+
+def segment(slide_path, tubules_path, model_path, out_labels, *, method: str, tile: int, overlap: int,
+            diameter: float | None, threads: int) -> dict:
+    """Nucleus labels of one slide inside its tubules, written to the label store ``out_labels``.
+
+    ``method`` "cellpose" (``model_path`` = the trained model file) or "classical" (the
+    colour-deconvolution fallback; ``model_path`` unused and torch never imported).
+    """
+    from .tiling import segment_slide
+
+    if method not in ("cellpose", "classical"):
+        raise CellstageError(f"segmentation.method: unknown {method!r}; expected 'cellpose' or 'classical'")
+    slide = ZarrSlide(slide_path)
+    rois = read_polygons(tubules_path)
+    check_inside(rois, slide.dimensions, tubules_path)
+    classical = method == "classical"
+    if not classical:  # the classical fallback never loads torch (~0.8 GB of RSS for the CUDA build)
+        set_torch_threads(threads)
+    log.info("segmenting %s with %s", slide_path, "the classical fallback" if classical else f"Cellpose {model_path}")
+    w, h = slide.dimensions
+    with atomic_path(out_labels) as tmp:
+        labels = create_labels(tmp, (h, w), mpp=slide.mpp, slide=Path(slide_path).name)
+        stats = segment_slide(
+            slide,
+            rois,
+            model_path,
+            labels,
+            tile=int(tile),
+            overlap=int(overlap),
+            diameter=diameter,
+            classical=classical,
+        )
+        labels.attrs["stats"] = json.loads(json.dumps(stats, default=float))
+    log.info("segmentation: %s", stats)
+    return stats
