@@ -22,11 +22,14 @@ ConfigOpt = Annotated[Path, typer.Option("--config", help="workflow config (YAML
 
 
 def _config(path: Path) -> dict:
-    import yaml
+    """The workflow config, validated with every default of the schema filled in (as Snakemake does)."""
+    from .config import load_config
 
-    if not path.is_file():
-        raise CellstageError(f"config file not found: {path}")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        return load_config(path)
+    except CellstageError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 def _run(fn, *args, **kwargs):
@@ -74,11 +77,13 @@ def info(slide: Path, backend: Optional[str] = None, mpp: Optional[float] = None
 
 
 @app.command()
-def convert(slide: Path, out: Path, backend: Optional[str] = None, mpp: Optional[float] = None, tile: int = 512):
+def convert(slide: Path, out: Path, backend: Optional[str] = None, mpp: Optional[float] = None,
+            tile: Annotated[Optional[int], typer.Option(help="chunk edge in px; default: the config's")] = None,
+            config: ConfigOpt = Path("config/config.yaml")):
     """Slide -> OME-Zarr multiscale (streamed tile by tile)."""
-    from . import stages
+    from .io import stage
 
-    _run(stages.convert, slide, out, backend=backend, mpp=mpp, tile=tile)
+    _run(stage.convert, slide, out, backend=backend, mpp=mpp, tile=tile or _config(config)["convert"]["tile"])
 
 
 @app.command("train-segmenter")
@@ -87,41 +92,51 @@ def train_segmenter(
     slides: Annotated[list[Path], typer.Option("--slide", help="converted slide (.ome.zarr); repeat")],
     masks: Annotated[list[Path], typer.Option("--masks", help="nucleus label TIFF per slide; repeat")],
     config: ConfigOpt = Path("config/config.yaml"),
+    threads: int = 2,
 ):
     """Train the Cellpose segmenter on nucleus masks."""
-    from . import stages
+    from .segment import stage
 
     cfg = _config(config)
-    _run(stages.train_segmenter, slides, masks, out_model, seg=cfg.get("segmentation", {}), seed=cfg.get("seed", 0))
+    seg = cfg["segmentation"]
+    _run(stage.train_segmenter, slides, masks, out_model, pretrained=seg["pretrained"], diameter=seg["diameter"],
+         epochs=seg["epochs"], learning_rate=seg["learning_rate"], batch_size=seg["batch_size"], bsize=seg["bsize"],
+         diam_mean=seg["diam_mean"], nimg_per_epoch=seg["nimg_per_epoch"], eval_tiles=seg["eval_tiles"],
+         seed=cfg["seed"], threads=threads)
 
 
 @app.command()
 def segment(slide: Path, tubules: Path, out_labels: Path, model: Optional[Path] = None,
-            config: ConfigOpt = Path("config/config.yaml")):
+            config: ConfigOpt = Path("config/config.yaml"), threads: int = 2):
     """Tiled nucleus segmentation inside the tubules -> label store."""
-    from . import stages
+    from .segment import stage
 
-    _run(stages.segment, slide, tubules, str(model) if model else None, out_labels,
-         seg=_config(config).get("segmentation", {}))
+    seg = _config(config)["segmentation"]
+    _run(stage.segment, slide, tubules, str(model) if model else None, out_labels, method=seg["method"],
+         tile=seg["tile"], overlap=seg["overlap"], diameter=seg["diameter"], threads=threads)
 
 
 @app.command()
 def cells(labels: Path, slide: Path, tubules: Path, out: Path, points: Optional[Path] = None,
           config: ConfigOpt = Path("config/config.yaml")):
     """Cell table (morphology, distance to the tubule wall, annotated class)."""
-    from . import stages
+    from .cells import stage
 
     cfg = _config(config)
-    _run(lambda: {"cells": len(stages.cells(labels, slide, tubules, points, out, slide_id=slide.name.split(".")[0],
-                                             classes=cfg["classes"]))})
+    _run(lambda: {"cells": len(stage.cells(labels, slide, tubules, points, out, slide_id=slide.name.split(".")[0],
+                                            classes=cfg["classes"],
+                                            match_radius_px=cfg["segmentation"]["match_radius_px"]))})
 
 
 @app.command()
 def register(ref: Path, mov: Path, out_json: Path, out_png: Path, config: ConfigOpt = Path("config/config.yaml")):
     """ORB + Hamming + RANSAC homography between two scans of a section, with QC overlay."""
-    from . import stages
+    from .register import stage
 
-    _run(stages.register, ref, mov, out_json, out_png, reg=_config(config).get("registration", {}))
+    reg = _config(config)["registration"]
+    _run(stage.register, ref, mov, out_json, out_png, n_features=reg["n_features"],
+         ransac_threshold=reg["ransac_threshold"], min_inliers=reg["min_inliers"],
+         min_inlier_ratio=reg["min_inlier_ratio"], coarse_max_side=reg["coarse_max_side"])
 
 
 @app.command()
@@ -129,10 +144,10 @@ def crops(slide: Path, labels: Path, cells_table: Path, out_zarr: Path, out_inde
           section: str = "", scan: str = "", patient: str = "", split: str = "unlabelled",
           config: ConfigOpt = Path("config/config.yaml")):
     """Crops around every nucleus (with and without background) into Zarr + index."""
-    from . import stages
+    from .crops import stage
 
-    meta = dict(section=section, scan=scan, patient=patient, split=split)
-    _run(stages.extract_crops, slide, labels, cells_table, out_zarr, out_index, size=size, meta=meta,
+    meta = dict(slide=slide.name.split(".")[0], section=section, scan=scan, patient=patient, split=split)
+    _run(stage.extract_crops, slide, labels, cells_table, out_zarr, out_index, size=size, meta=meta,
          classes=_config(config)["classes"])
 
 
@@ -143,38 +158,51 @@ def train_grader(
     grades: Annotated[list[Path], typer.Option("--grades", help="CSV x,y,grade per slide; repeat")],
     size: int = 80,
     config: ConfigOpt = Path("config/config.yaml"),
+    threads: int = 2,
 ):
     """Train the grading network (seed 003) on expert quality grades."""
-    from . import stages
+    from .reduce import stage
 
     cfg = _config(config)
-    _run(stages.train_grader, slides, grades, out_dir, grading=cfg.get("grading", {}), size=size,
-         seed=cfg.get("seed", 0))
+    g = cfg["grading"]
+    _run(stage.train_grader, slides, grades, out_dir, backbone=g["backbone"], epochs=g["epochs"],
+         batch_size=g["batch_size"], loss_weights=g["loss_weights"], size=size, seed=cfg["seed"], threads=threads,
+         devices=1)
 
 
 @app.command()
-def grade(model_dir: Path, crops_zarr: Path, crops_index: Path, out: Path, threshold: float = 0.5):
+def grade(model_dir: Path, crops_zarr: Path, crops_index: Path, out: Path,
+          config: ConfigOpt = Path("config/config.yaml"), threads: int = 2):
     """Apply the grading network to a slide's crops -> keep-list."""
-    from . import stages
+    from .reduce import stage
 
-    _run(lambda: {"kept": int(stages.grade(model_dir, crops_zarr, crops_index, out, threshold=threshold)["keep"].sum())})
+    thr = _config(config)["grading"]["threshold"]
+    _run(lambda: {"kept": int(stage.grade(model_dir, crops_zarr, crops_index, out, threshold=thr,
+                                          threads=threads)["keep"].sum())})
 
 
 @app.command()
 def pretrain(
-    run: str = typer.Argument(..., help="{method}-{backbone}-{scan}, e.g. simclr-resnet18-40x"),
-    out_dir: Path = typer.Argument(...),
+    out_dir: Path,
+    method: Annotated[str, typer.Option(help="SSL method, e.g. simclr")],
+    backbone: Annotated[str, typer.Option(help="timm model name, e.g. resnet18")],
+    scan: Annotated[str, typer.Option(help="scan whose crop size to use, a key of config 'scans'")],
     zarr: Annotated[list[Path], typer.Option("--zarr", help="crops zarr; repeat")] = (),
     index: Annotated[list[Path], typer.Option("--index", help="crops index parquet, same order; repeat")] = (),
     grading: Annotated[list[Path], typer.Option("--grading", help="grading keep-list parquet; repeat")] = (),
     config: ConfigOpt = Path("config/config.yaml"),
+    threads: int = 2,
 ):
     """Self-supervised pretraining on unlabelled crops."""
-    from . import stages
+    from .ssl import stage
 
     cfg = _config(config)
-    _run(stages.pretrain, run, list(zarr), list(index), list(grading), out_dir / "backbone.safetensors",
-         pretrain=cfg.get("pretrain", {}), scans=cfg["scans"], seed=cfg.get("seed", 0))
+    if scan not in cfg["scans"]:
+        raise CellstageError(f"--scan {scan!r} is not a key of config 'scans' ({sorted(cfg['scans'])})")
+    p = cfg["pretrain"]
+    _run(stage.pretrain, list(zarr), list(index), list(grading), out_dir, method=method, backbone=backbone,
+         img_size=cfg["scans"][scan]["crop_size"], variant=p["variant"], epochs=p["epochs"],
+         batch_size=p["batch_size"], max_crops=p["max_crops"], seed=cfg["seed"], threads=threads, devices=1)
 
 
 @app.command()
@@ -191,17 +219,21 @@ def finetune(
     distance: bool = False,
     pretrained: Optional[Path] = None,
     config: ConfigOpt = Path("config/config.yaml"),
+    threads: int = 1,
 ):
     """One cross-validation fold: train on the other folds, evaluate on this fold and the test slides."""
-    from . import stages
+    from .train import stage
 
     cfg = _config(config)
-    experiment = dict(scan=scan, backbone=backbone, background=background, distance=distance,
-                      init="pretrained" if pretrained else "scratch")
-    _run(stages.finetune, train=list(zip(train_zarr, train_index)), test=list(zip(test_zarr, test_index)),
-         pretrained=str(pretrained) if pretrained else None, out_metrics=out_dir / "metrics.json", fold=fold,
-         experiment=experiment, finetune=cfg.get("finetune", {}), scans=cfg["scans"], classes=cfg["classes"],
-         static_classes=cfg["static_classes"], seed=cfg.get("seed", 0))
+    if scan not in cfg["scans"]:
+        raise CellstageError(f"--scan {scan!r} is not a key of config 'scans' ({sorted(cfg['scans'])})")
+    f = cfg["finetune"]
+    _run(stage.finetune, train_zarr=list(train_zarr), train_index=list(train_index), test_zarr=list(test_zarr),
+         test_index=list(test_index), pretrained=str(pretrained) if pretrained else None, out_dir=out_dir,
+         fold=fold, backbone=backbone, img_size=cfg["scans"][scan]["crop_size"], background=background,
+         distance=distance, n_folds=f["n_folds"], epochs=f["epochs"], batch_size=f["batch_size"], lr=f["lr"],
+         group_by=f["group_by"], classes=cfg["classes"], static_classes=cfg["static_classes"], seed=cfg["seed"],
+         threads=threads, devices=1)
 
 
 def main() -> None:  # pragma: no cover

@@ -61,6 +61,18 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def set_torch_threads(n: int | None) -> None:
+    """Torch uses the cores the rule was given (Snakemake's ``threads``), not every core of the node.
+
+    On shared CPUs an oversubscribed thread count is several times slower than one thread. torch is
+    imported only when a count is given, so stages that never train do not pay its import.
+    """
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -189,7 +189,8 @@ class CropStoreWriter:
             ex.shutdown(wait=True)
         for name, st in self._state.items():
             if not errors and st["row"] != self._lay[name]["shape"][0]:
-                errors.append(CellstageError(f"{self.dir / name}: wrote {st['row']} of {self._lay[name]['shape'][0]} crops"))
+                expected = self._lay[name]["shape"][0]
+                errors.append(CellstageError(f"{self.dir / name}: wrote {st['row']} of {expected} crops"))
         if errors:
             raise errors[0]
 

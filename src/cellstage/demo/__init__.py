@@ -8,8 +8,7 @@
 """
 
 from .generate import PRESETS, DemoPreset, generate, write_labels_tiff, write_pyramid_tiff
-from .render import (MPP_20X, MPP_40X, Section, random_homography, render_scan_20x,
-                     render_section)
+from .render import MPP_20X, MPP_40X, Section, random_homography, render_scan_20x, render_section
 
 __all__ = ["generate", "PRESETS", "DemoPreset", "render_section", "render_scan_20x",
            "random_homography", "Section", "write_pyramid_tiff", "write_labels_tiff",

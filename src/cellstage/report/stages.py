@@ -16,8 +16,9 @@ def _paths(x) -> list[Path]:
 
 
 def stage_table(inputs: Mapping) -> pd.DataFrame:
-    """One row per slide: nuclei, labelled nuclei, crops, crops kept by the grader, and for the
-    registered scans the registration quality of their section and what mapped outside them."""
+    """One row per slide: nuclei, labelled nuclei, crops, crops kept by the grader, and for every
+    registered (non-reference) scan the slide it was registered to, the registration quality and
+    what mapped outside it."""
     rows = {}
     for p in _paths(inputs.get("cells")):
         t = pd.read_parquet(p, columns=["label"])
@@ -35,14 +36,12 @@ def stage_table(inputs: Mapping) -> pd.DataFrame:
         t = pd.read_csv(p, usecols=["kind"])
         row = rows.setdefault(p.name.removesuffix(".outside.csv"), {"slide": p.name.removesuffix(".outside.csv")})
         row["mapped_outside"] = ", ".join(f"{v} {k}s" for k, v in sorted(t["kind"].value_counts().items()))
-    table = pd.DataFrame(list(rows.values()))
-    reg = []
-    for p in _paths(inputs.get("registration")):
+    for p in _paths(inputs.get("registration")):  # results/registration/{moving slide}.json
         d = json.loads(p.read_text())
-        reg.append({"section": p.stem, "registration_ok": d.get("ok"), "inliers": d.get("n_inliers"),
-                    "rmse_um": d.get("rmse_um"), "registration_message": d.get("message") or ""})
-    if reg and "section" in table:
-        table = table.merge(pd.DataFrame(reg), on="section", how="left")
+        rows.setdefault(p.stem, {"slide": p.stem}).update(
+            registered_to=Path(d.get("ref", "")).name.removesuffix(".ome.zarr"), registration_ok=d.get("ok"),
+            inliers=d.get("n_inliers"), rmse_um=d.get("rmse_um"), registration_message=d.get("message") or "")
+    table = pd.DataFrame(list(rows.values()))
     cols = ["slide", "section", "scan", "split", "nuclei", "labelled", "crops", "kept_by_grader",
-            "registration_ok", "inliers", "rmse_um", "registration_message", "mapped_outside"]
+            "registered_to", "registration_ok", "inliers", "rmse_um", "registration_message", "mapped_outside"]
     return table[[c for c in cols if c in table]].sort_values("slide").reset_index(drop=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +14,27 @@ METRIC_NAMES = {"top1": "Top-1", "top2": "Top-2", "adj1": "Adj-1", "adj1_dyn": "
 SPLITS = ("val", "test")
 
 
-def fold_table(metric_paths: Iterable[str | Path], experiments: Mapping[str, dict]) -> pd.DataFrame:
+def fold_table(experiments: Mapping[str, Mapping]) -> pd.DataFrame:
     """One row per (experiment, fold, split) with the four metrics and the configuration columns.
 
-    The experiment and fold are read from the path ``.../{experiment}/fold{k}/metrics.json``.
+    ``experiments[name]`` holds the configuration (scan, background, backbone, init, distance, ...)
+    and ``"metrics"``: the fold metric files of that configuration. The fold number is read from
+    each file's ``"fold"`` field; names are taken as given, never parsed out of paths.
     """
     rows = []
-    for p in metric_paths:
-        p = Path(p)
-        experiment, fold = p.parent.parent.name, int(p.parent.name.removeprefix("fold"))
-        data = json.loads(p.read_text())
-        for split in SPLITS:
-            if split not in data:
-                raise ValueError(f"{p}: no '{split}' metrics")
-            row = {"experiment": experiment, "fold": fold, "split": split}
-            row.update(experiments.get(experiment, {}))
-            row.update({m: float(data[split].get(m, np.nan)) for m in METRICS})
-            row["n"] = data[split].get("n")
-            rows.append(row)
+    for experiment, spec in experiments.items():
+        settings = {k: v for k, v in spec.items() if k != "metrics"}
+        for p in spec["metrics"]:
+            data = json.loads(Path(p).read_text())
+            if "fold" not in data:
+                raise ValueError(f"{p}: no 'fold' field (not a fine-tuning metrics.json?)")
+            for split in SPLITS:
+                if split not in data:
+                    raise ValueError(f"{p}: no '{split}' metrics")
+                row = {"experiment": experiment, "fold": int(data["fold"]), "split": split, **settings}
+                row.update({m: float(np.nan if data[split].get(m) is None else data[split][m]) for m in METRICS})
+                row["n"] = data[split].get("n")
+                rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,76 @@
+"""The workflow config outside Snakemake: read, validate against the workflow's schema, fill defaults.
+
+``workflow/schemas/config.schema.yaml`` is the one place defaults live. Snakemake fills them with
+``snakemake.utils.validate``; the command-line tool does the same here (the FAQ recipe of
+jsonschema that snakemake also uses: a ``properties`` validator that sets each missing key to its
+``default`` before validating), so a stage run by hand sees exactly the values a rule would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .utils import CellstageError
+
+SCHEMA_RELPATH = Path("workflow") / "schemas" / "config.schema.yaml"
+
+
+def schema_path() -> Path:
+    """The workflow's config schema: in the repository this package lives in, else under the
+    current directory (a workflow checkout)."""
+    candidates = [Path(__file__).resolve().parents[2] / SCHEMA_RELPATH, Path.cwd() / SCHEMA_RELPATH]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CellstageError(
+        f"config schema not found (looked for {', '.join(map(str, candidates))}); run the command from the "
+        "cellstage workflow directory"
+    )
+
+
+def _validator(schema: dict):
+    from jsonschema import Draft202012Validator, validators
+
+    props = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, sub):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, subschema["default"])
+        yield from props(validator, properties, instance, sub)
+
+    return validators.extend(Draft202012Validator, {"properties": set_defaults})(schema)
+
+
+def validate_config(config: dict, where: str = "config") -> dict:
+    """``config`` with every schema default filled in; an invalid value raises a
+    :class:`CellstageError` naming the key path and what the schema expects."""
+    import copy
+
+    import yaml
+
+    schema = yaml.safe_load(schema_path().read_text())
+    data = copy.deepcopy(config)
+    errors = sorted(_validator(schema).iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors[:10]]
+        raise CellstageError(f"{where}: invalid configuration:\n  " + "\n  ".join(lines))
+    # a second pass fills defaults of objects that were themselves filled from a default
+    _validator(schema).validate(data)
+    return data
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read a workflow config YAML and validate it (defaults filled)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CellstageError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CellstageError(f"{path}: not valid YAML: {e}") from None
+    return validate_config(data, where=str(path))
