@@ -84,7 +84,9 @@ def test_rule_environments_agree_with_project_pins():
         pins = _pins(env.read_text().splitlines())
         assert pins, f"{env} pins nothing"
         for name, version in pins.items():
-            assert project.get(name) == version, f"{env.name}: {name}=={version} but requirements.txt has {project.get(name)}"
+            assert project.get(name) == version, (
+                f"{env.name}: {name}=={version} but requirements.txt has {project.get(name)}"
+            )
 
 
 def _commented_pins(lines) -> dict[str, tuple[str, str]]:
@@ -119,7 +121,8 @@ def test_bioformats_environment_pins_and_their_exceptions():
         else:
             assert project.get(name) == version, (
                 f"{where} but requirements.txt has {project.get(name)}; make them equal or document the "
-                f"exception on the line (# differs: why / # bioformats-only: why)")
+                f"exception on the line (# differs: why / # bioformats-only: why)"
+            )
     assert pins["numpy"][0].startswith("1.26.")
     assert "- numpy=1.26.*" in text  # the conda-side numpy agrees with the pip pin
     assert "- python=3.11" in text and "openjdk" in text
@@ -138,3 +141,39 @@ def test_every_rule_declares_log_and_conda():
             name = rule.split()[1].rstrip(":")
             assert "\n    log:" in rule, f"{smk.name}: rule {name} has no log"
             assert "\n    conda:" in rule, f"{smk.name}: rule {name} has no conda env"
+
+
+def _schema_keys(node: dict, where: str = ""):
+    """(dotted key, subschema, required?) of every property of a JSON schema, depth first."""
+    for key, sub in node.get("properties", {}).items():
+        yield f"{where}{key}", sub, key in node.get("required", [])
+        yield from _schema_keys(sub, f"{where}{key}.")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _schema_keys(node["additionalProperties"], f"{where}<name>.")
+
+
+def test_every_config_key_has_a_description_and_a_default():
+    """Defaults live only in the schema: a key that is not required has one there, so the workflow
+    can index the validated config directly (config["grading"]["enabled"]) and no rule, script or
+    stage function repeats a default."""
+    schema = yaml.safe_load((SCHEMAS / "config.schema.yaml").read_text())
+    for key, sub, required in _schema_keys(schema):
+        assert sub.get("description"), f"config.schema.yaml: {key} has no description"
+        assert required or "default" in sub, f"config.schema.yaml: {key} has no default"
+
+
+def test_validation_fills_every_nested_default():
+    """snakemake's validate() fills the defaults of a missing section's keys too (the section's own
+    default is {}), so a config that gives only the required keys yields every value a rule reads."""
+    config = {k: load_config()[k] for k in ("samples", "classes", "static_classes", "scans", "reference_scan")}
+    validate(config, str(SCHEMAS / "config.schema.yaml"))
+    assert config["finetune"]["grid"]["init"] == ["scratch", "simclr"]
+    assert config["grading"]["loss_weights"] == {"useful": 3.0, "unsuitable": 1.0}
+    assert config["registration"]["min_inliers"] == 30
+    assert config["segmentation"]["match_radius_px"] == 10
+    assert config["segmentation"]["diameter"] is None
+    partial = copy.deepcopy(config)
+    partial["grading"] = {"loss_weights": {"useful": 2.0}}
+    validate(partial, str(SCHEMAS / "config.schema.yaml"))
+    assert partial["grading"]["loss_weights"] == {"useful": 2.0, "unsuitable": 1.0}
+    assert partial["grading"]["epochs"] == 8

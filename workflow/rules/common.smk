@@ -6,7 +6,6 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 
@@ -33,9 +32,7 @@ def _load_sheet(path):
     ref = sheet[sheet["scan"] == config["reference_scan"]]
     missing_ref = sorted(set(sheet["section"]) - set(ref["section"]))
     if missing_ref:
-        raise ValueError(
-            f"{path}: sections {missing_ref} have no '{config['reference_scan']}' (reference_scan) row"
-        )
+        raise ValueError(f"{path}: sections {missing_ref} have no '{config['reference_scan']}' (reference_scan) row")
     if ref["section"].duplicated().any():
         raise ValueError(f"{path}: a section has more than one reference-scan row")
     no_rois = sorted(ref.loc[ref["tubules"].isna(), "slide"])
@@ -59,16 +56,18 @@ slides = _load_sheet(config["samples"])
 REF_SCAN = config["reference_scan"]
 SLIDES = list(slides.index)
 REF_SLIDES = list(slides.index[slides["scan"] == REF_SCAN])
+# every non-reference scan of a section is registered to the section's reference scan on its own
 MOV_SLIDES = list(slides.index[slides["scan"] != REF_SCAN])
-SECTIONS = sorted(set(slides["section"]))
-PAIRS = sorted(set(slides.loc[MOV_SLIDES, "section"]))
 # Nucleus masks of test slides never train the segmenter (they stay available for evaluation).
 MASK_SLIDES = list(slides.index[slides["masks"].notna() & (slides["split"] != "test")])
 GRADE_SLIDES = list(slides.index[slides["grades"].notna()])
 # Slides read by Bio-Formats (sheet backend `bioformats`) are converted by rule convert_bioformats
 # in its own numpy<2 + Java environment; every other slide by rule convert.
 BIOFORMATS_SLIDES = [s for s in SLIDES if slides.loc[s].get("backend") == "bioformats"]
-GPU = int(config.get("gpus_per_job", 0))
+GPU = config["gpus_per_job"]
+# data-parallel devices per training job (train_grader, pretrain, finetune): config devices_per_job,
+# used only with GPUs (gpus_per_job > 0); those rules ask for gpus_per_job x devices_per_job GPUs
+TRAIN_DEVICES = config["devices_per_job"] if GPU > 0 else 1
 
 
 def _ref_slide_of(section):
@@ -76,6 +75,10 @@ def _ref_slide_of(section):
 
 
 # --- experiments: the cross product of config finetune.grid --------------------------------
+# Each field of an experiment is its own path part,
+#   results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/,
+# and its display name `{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}` is only ever built here,
+# never split back into its fields (a timm backbone name may itself contain '-' or '.').
 def _experiments():
     grid = config["finetune"]["grid"]  # every key filled from the schema defaults by validate()
     out = {}
@@ -84,6 +87,11 @@ def _experiments():
     ):
         if scan not in config["scans"]:
             raise ValueError(f"config finetune.grid.scan: {scan!r} is not a key of config 'scans'")
+        if "/" in backbone or not backbone:
+            raise ValueError(
+                f"config finetune.grid.backbone: {backbone!r} is not a timm model name usable as a path part "
+                "(no '/'; a hub model must be given by its timm name)"
+            )
         if init == "mae" and not backbone.startswith(("vit", "deit")):
             raise ValueError(f"config finetune.grid: init 'mae' needs a ViT backbone, not {backbone!r}")
         name = f"{scan}-{'bg' if bg else 'nobg'}-{backbone}-{init}-{'dist' if dist else 'nodist'}"
@@ -92,10 +100,22 @@ def _experiments():
 
 
 EXPERIMENTS = _experiments()
-PRETRAIN_RUNS = sorted(
-    {f"{e['init']}-{e['backbone']}-{e['scan']}" for e in EXPERIMENTS.values() if e["init"] != "scratch"}
-)
-FOLDS = list(range(config["finetune"].get("n_folds", 5)))
+FOLDS = list(range(config["finetune"]["n_folds"]))
+# (method, backbone, scan) of every self-supervised pretraining a fine-tuning starts from
+PRETRAIN_RUNS = sorted({(e["init"], e["backbone"], e["scan"]) for e in EXPERIMENTS.values() if e["init"] != "scratch"})
+
+
+def finetune_dir(exp):
+    """Output folder of one experiment (the fold folders lie inside)."""
+    return (
+        f"results/finetune/{exp['scan']}/{'bg' if exp['background'] else 'nobg'}/{exp['backbone']}/"
+        f"{exp['init']}/{'dist' if exp['distance'] else 'nodist'}"
+    )
+
+
+def pretrain_file(method, backbone, scan, name):
+    """A file of one pretraining run (backbone.safetensors, history.csv, loss.png, pretrain.json)."""
+    return f"results/pretrain/{method}/{backbone}/{scan}/{name}"
 
 
 def _alt(names):
@@ -106,9 +126,12 @@ wildcard_constraints:
     slide=_alt(SLIDES),
     ref_slide=_alt(REF_SLIDES),
     mov_slide=_alt(MOV_SLIDES),
-    section=_alt(SECTIONS),
-    experiment=_alt(EXPERIMENTS),
-    run=_alt(PRETRAIN_RUNS),
+    scan=_alt(config["scans"]),
+    background="bg|nobg",
+    backbone=_alt(sorted({e["backbone"] for e in EXPERIMENTS.values()})),
+    init=_alt(sorted({e["init"] for e in EXPERIMENTS.values()})),
+    method=_alt(sorted({run[0] for run in PRETRAIN_RUNS})),
+    distance="dist|nodist",
     fold=r"\d+",
 
 
@@ -126,8 +149,12 @@ def points_of(wildcards):
     return [p] if p else []
 
 
+def _segmenter_trained():
+    return config["segmentation"]["method"] != "classical" and config["segmentation"]["train"]
+
+
 def segmenter_inputs(wildcards):
-    if not config["segmentation"].get("train", True) or config["segmentation"].get("method") == "classical":
+    if not _segmenter_trained():
         return {}
     return {
         "slides": expand("results/slides/{slide}.ome.zarr", slide=MASK_SLIDES),
@@ -137,26 +164,26 @@ def segmenter_inputs(wildcards):
 
 def segmenter_model(wildcards=None):
     seg = config["segmentation"]
-    if seg.get("method") == "classical":
+    if seg["method"] == "classical":
         return []
-    if seg.get("train", True):
+    if seg["train"]:
         return ["results/segmenter/model"]
-    if not seg.get("pretrained"):
+    if not seg["pretrained"]:
         raise ValueError("config segmentation: train is false but no 'pretrained' model path is given")
     return [seg["pretrained"]]
 
 
-def pair_inputs(wildcards):
-    ref = _ref_slide_of(wildcards.section)
-    mov = [s for s in MOV_SLIDES if slides.loc[s, "section"] == wildcards.section][0]
-    return {"ref": f"results/slides/{ref}.ome.zarr", "mov": f"results/slides/{mov}.ome.zarr"}
+def registration_inputs(wildcards):
+    """The section's reference scan and this moving slide."""
+    ref = _ref_slide_of(slides.loc[wildcards.mov_slide, "section"])
+    return {"ref": f"results/slides/{ref}.ome.zarr", "mov": f"results/slides/{wildcards.mov_slide}.ome.zarr"}
 
 
 def mapped_cells_inputs(wildcards):
-    section = slides.loc[wildcards.mov_slide, "section"]
-    ref = _ref_slide_of(section)
+    """The reference scan's cells, labels and annotations, and this moving slide's own registration."""
+    ref = _ref_slide_of(slides.loc[wildcards.mov_slide, "section"])
     inputs = {
-        "registration": f"results/registration/{section}.json",
+        "registration": f"results/registration/{wildcards.mov_slide}.json",
         "cells": f"results/cells/{ref}.parquet",
         "labels": f"results/segmentation/{ref}.zarr",
         "slide": f"results/slides/{wildcards.mov_slide}.ome.zarr",
@@ -192,37 +219,44 @@ def crops_of(slide_ids):
     }
 
 
+def graded_ref_slides():
+    """Reference slides whose crops the grading network filters (when grading is enabled)."""
+    if not (config["grading"]["enabled"] and GRADE_SLIDES):
+        return []
+    return REF_SLIDES
+
+
 def pretrain_inputs(wildcards):
-    method, backbone, scan = wildcards.run.split("-", 2)
-    ids = _slides_where(scan, ("unlabelled", "train"))
+    ids = _slides_where(wildcards.scan, ("unlabelled", "train"))
     inputs = crops_of(ids)
-    if config["grading"].get("enabled", True) and GRADE_SLIDES:
+    if graded_ref_slides():
         sections = {slides.loc[s, "section"] for s in ids}
         inputs["grading"] = [f"results/grading/{_ref_slide_of(sec)}.parquet" for sec in sorted(sections)]
     return inputs
 
 
 def finetune_inputs(wildcards):
-    exp = EXPERIMENTS[wildcards.experiment]
+    train = crops_of(_slides_where(wildcards.scan, ("train",)))
+    test = crops_of(_slides_where(wildcards.scan, ("test",)))
     inputs = {
-        "train": crops_of(_slides_where(exp["scan"], ("train",))),
-        "test": crops_of(_slides_where(exp["scan"], ("test",))),
+        "train_zarr": train["zarr"],
+        "train_index": train["index"],
+        "test_zarr": test["zarr"],
+        "test_index": test["index"],
     }
-    flat = {
-        "train_zarr": inputs["train"]["zarr"],
-        "train_index": inputs["train"]["index"],
-        "test_zarr": inputs["test"]["zarr"],
-        "test_index": inputs["test"]["index"],
-    }
-    if exp["init"] != "scratch":
-        flat["pretrained"] = f"results/pretrain/{exp['init']}-{exp['backbone']}-{exp['scan']}/backbone.safetensors"
-    return flat
+    if wildcards.init != "scratch":
+        inputs["pretrained"] = pretrain_file(wildcards.init, wildcards.backbone, wildcards.scan, "backbone.safetensors")
+    return inputs
 
 
-def fold_metrics(wildcards=None):
-    return expand(
-        "results/finetune/{experiment}/fold{fold}/metrics.json", experiment=list(EXPERIMENTS), fold=FOLDS
-    )
+def fold_files(exp, name):
+    """`name` (metrics.json, predictions.parquet, history.csv) of every fold of one experiment."""
+    return [f"{finetune_dir(exp)}/fold{fold}/{name}" for fold in FOLDS]
+
+
+def report_experiments():
+    """Report param: experiment name -> its grid fields and the metrics.json of its folds."""
+    return {name: dict(exp, metrics=fold_files(exp, "metrics.json")) for name, exp in EXPERIMENTS.items()}
 
 
 def final_outputs():
@@ -235,13 +269,19 @@ def final_outputs():
 
 
 def sheet_value(column):
-    """Input function: the sheet's value of `column` for the {slide} wildcard (None if empty)."""
+    """Param function: the sheet's value of `column` for the {slide} wildcard (None if empty)."""
 
     def get(wildcards):
         value = slides.loc[wildcards.slide].get(column)
         return None if value is None or value == "" else value
 
     return get
+
+
+def mpp_option(wildcards):
+    """`--mpp <sheet mpp>` for the command line of rule convert_bioformats, or nothing."""
+    mpp = slides.loc[wildcards.slide, "mpp"]
+    return f"--mpp {mpp}" if mpp else ""
 
 
 def scaled(base):
@@ -254,47 +294,39 @@ def scaled(base):
 
 
 def crop_size_of(wildcards):
+    """Crop edge (px) of the {slide}'s scan."""
     return config["scans"][slides.loc[wildcards.slide, "scan"]]["crop_size"]
 
 
-def graded_ref_slides():
-    """Reference slides whose crops the grading network filters (when grading is enabled)."""
-    if not (config["grading"].get("enabled", True) and GRADE_SLIDES):
-        return []
-    return REF_SLIDES
+def crop_size_of_scan(wildcards):
+    """Crop edge (px) of the {scan} wildcard: the image size a backbone trains on."""
+    return config["scans"][wildcards.scan]["crop_size"]
 
 
-def experiment_params(wildcards):
-    return dict(EXPERIMENTS[wildcards.experiment], name=wildcards.experiment)
+def with_background(wildcards):
+    return wildcards.background == "bg"
+
+
+def with_distance(wildcards):
+    return wildcards.distance == "dist"
 
 
 def report_inputs(wildcards):
     inputs = {
-        "metrics": fold_metrics(),
-        "registration": expand("results/registration/{section}.json", section=PAIRS),
+        "metrics": [p for exp in EXPERIMENTS.values() for p in fold_files(exp, "metrics.json")],
+        # read beside each metrics.json for the fold ensemble of the best configuration
+        "predictions": [p for exp in EXPERIMENTS.values() for p in fold_files(exp, "predictions.parquet")],
+        # pixel sizes of the slides whose classified cells are exported as GeoJSON
+        "slides": expand("results/slides/{slide}.ome.zarr", slide=SLIDES),
+        "registration": expand("results/registration/{mov_slide}.json", mov_slide=MOV_SLIDES),
         "cells": expand("results/cells/{slide}.parquet", slide=SLIDES),
         "crops": expand("results/crops/{slide}.parquet", slide=SLIDES),
-        "pretrain": expand("results/pretrain/{run}/history.csv", run=PRETRAIN_RUNS),
+        "pretrain": [pretrain_file(*run, "history.csv") for run in PRETRAIN_RUNS],
         "grading": expand("results/grading/{slide}.parquet", slide=graded_ref_slides()),
         "outside": expand("results/annotations/{mov_slide}.outside.csv", mov_slide=MOV_SLIDES),
     }
-    if segmenter_model() == ["results/segmenter/model"]:
+    if _segmenter_trained():
         inputs["segmenter"] = "results/segmenter/model.json"
     if graded_ref_slides():
         inputs["grader"] = "results/grader"
     return inputs
-
-
-# Only the settings a rule uses are its params, so changing e.g. the inference tile size does not
-# retrain the segmenter.
-_SEG_TRAIN_KEYS = ("pretrained", "epochs", "learning_rate", "diameter", "nimg_per_epoch", "batch_size",
-                   "bsize", "diam_mean", "eval_tiles")
-_SEG_INFER_KEYS = ("method", "tile", "overlap", "diameter")
-
-
-def segmenter_training_params():
-    return {k: config["segmentation"].get(k) for k in _SEG_TRAIN_KEYS}
-
-
-def segmenter_inference_params():
-    return {k: config["segmentation"].get(k) for k in _SEG_INFER_KEYS}

@@ -4,22 +4,22 @@ rule convert:
         slide_file,
     output:
         directory("results/slides/{slide}.ome.zarr"),
-    wildcard_constraints:
-        slide=_alt([s for s in SLIDES if s not in BIOFORMATS_SLIDES]),
-    params:
-        backend=sheet_value("backend"),
-        mpp=sheet_value("mpp"),
-        tile=config["convert"].get("tile", 512),
     log:
         "results/logs/convert/{slide}.log",
     benchmark:
         "results/benchmarks/convert/{slide}.tsv"
+    wildcard_constraints:
+        slide=_alt([s for s in SLIDES if s not in BIOFORMATS_SLIDES]),
+    conda:
+        "../envs/io.yaml"
     threads: 1
     resources:
         mem_mb=scaled(2000),
         runtime=scaled(60),
-    conda:
-        "../envs/io.yaml"
+    params:
+        backend=sheet_value("backend"),
+        mpp=sheet_value("mpp"),
+        tile=config["convert"]["tile"],
     script:
         "../scripts/convert.py"
 
@@ -33,8 +33,18 @@ rule convert_bioformats:
         slide_file,
     output:
         directory("results/slides/{slide}.ome.zarr"),
+    log:
+        "results/logs/convert/{slide}.log",
+    benchmark:
+        "results/benchmarks/convert/{slide}.tsv"
     wildcard_constraints:
         slide=_alt(BIOFORMATS_SLIDES),
+    conda:
+        "../envs/bioformats.yaml"
+    threads: 1
+    resources:
+        mem_mb=scaled(4000),  # the JVM (heap up to CELLSTAGE_BIOFORMATS_HEAP, default 2g) + Python
+        runtime=scaled(60),
     params:
         python=(
             "python"
@@ -42,20 +52,8 @@ rule convert_bioformats:
             else config["bioformats_python"]
         ),
         src=str(Path(workflow.basedir) / "src"),
-        mpp=lambda wildcards: (
-            f"--mpp {slides.loc[wildcards.slide, 'mpp']}" if slides.loc[wildcards.slide, "mpp"] else ""
-        ),
-        tile=config["convert"].get("tile", 512),
-    log:
-        "results/logs/convert/{slide}.log",
-    benchmark:
-        "results/benchmarks/convert/{slide}.tsv"
-    threads: 1
-    resources:
-        mem_mb=scaled(4000),  # the JVM (heap up to CELLSTAGE_BIOFORMATS_HEAP, default 2g) + Python
-        runtime=scaled(60),
-    conda:
-        "../envs/bioformats.yaml"
+        mpp=mpp_option,
+        tile=config["convert"]["tile"],
     shell:
         "PYTHONPATH={params.src:q}${{PYTHONPATH:+:$PYTHONPATH}} {params.python} -m cellstage.cli convert "
         "{input:q} {output:q} --backend bioformats {params.mpp} --tile {params.tile} > {log:q} 2>&1"

@@ -7,19 +7,19 @@ rule extract_crops:
     output:
         zarr=directory("results/crops/{slide}.zarr"),
         index="results/crops/{slide}.parquet",
-    params:
-        size=crop_size_of,
-        meta=slide_meta,
-        classes=config["classes"],
     log:
         "results/logs/extract_crops/{slide}.log",
     benchmark:
         "results/benchmarks/extract_crops/{slide}.tsv"
+    conda:
+        "../envs/io.yaml"
     threads: 1
     resources:
         mem_mb=scaled(2000),
         runtime=scaled(30),
-    conda:
-        "../envs/io.yaml"
+    params:
+        size=crop_size_of,
+        meta=slide_meta,
+        classes=config["classes"],
     script:
         "../scripts/extract_crops.py"

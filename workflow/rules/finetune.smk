@@ -3,26 +3,33 @@ rule finetune:
     input:
         unpack(finetune_inputs),
     output:
-        metrics="results/finetune/{experiment}/fold{fold}/metrics.json",
-        predictions="results/finetune/{experiment}/fold{fold}/predictions.parquet",
-    params:
-        experiment=experiment_params,
-        finetune=config["finetune"],
-        scans=config["scans"],
-        classes=config["classes"],
-        static_classes=config["static_classes"],
-        seed=config["seed"],
+        metrics="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/metrics.json",
+        predictions="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/predictions.parquet",
+        history="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/history.csv",
     log:
-        "results/logs/finetune/{experiment}/fold{fold}.log",
+        "results/logs/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}.log",
     benchmark:
-        "results/benchmarks/finetune/{experiment}/fold{fold}.tsv"
+        "results/benchmarks/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}.tsv"
+    conda:
+        "../envs/ml.yaml"
     threads: 1
     resources:
         mem_mb=scaled(8000),
         runtime=scaled(720),
-        gpu=GPU * int(config.get("devices_per_job", 1)),  # data-parallel training: docs/hpc.md
+        gpu=GPU * TRAIN_DEVICES,  # data-parallel training: docs/hpc.md
         cpus_per_gpu=1,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
-    conda:
-        "../envs/ml.yaml"
+    params:
+        img_size=crop_size_of_scan,
+        background=with_background,
+        distance=with_distance,
+        n_folds=config["finetune"]["n_folds"],
+        epochs=config["finetune"]["epochs"],
+        batch_size=config["finetune"]["batch_size"],
+        lr=config["finetune"]["lr"],
+        group_by=config["finetune"]["group_by"],
+        classes=config["classes"],
+        static_classes=config["static_classes"],
+        seed=config["seed"],
+        devices=TRAIN_DEVICES,
     script:
         "../scripts/finetune.py"

@@ -4,22 +4,26 @@ rule train_grader:
         unpack(grader_inputs),
     output:
         model=directory("results/grader"),
-    params:
-        grading=config["grading"],
-        size=config["scans"][REF_SCAN]["crop_size"],
-        seed=config["seed"],
     log:
         "results/logs/train_grader.log",
     benchmark:
         "results/benchmarks/train_grader.tsv"
+    conda:
+        "../envs/ml.yaml"
     threads: 2
     resources:
         mem_mb=scaled(6000),
         runtime=scaled(120),
-        gpu=GPU * int(config.get("devices_per_job", 1)),  # data-parallel training: docs/hpc.md
+        gpu=GPU * TRAIN_DEVICES,  # data-parallel training: docs/hpc.md
         cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
-    conda:
-        "../envs/ml.yaml"
+    params:
+        backbone=config["grading"]["backbone"],
+        epochs=config["grading"]["epochs"],
+        batch_size=config["grading"]["batch_size"],
+        loss_weights=config["grading"]["loss_weights"],
+        size=config["scans"][REF_SCAN]["crop_size"],
+        seed=config["seed"],
+        devices=TRAIN_DEVICES,
     script:
         "../scripts/train_grader.py"
 
@@ -32,19 +36,19 @@ rule grade:
         index="results/crops/{ref_slide}.parquet",
     output:
         grading="results/grading/{ref_slide}.parquet",
-    params:
-        threshold=config["grading"].get("threshold", 0.5),
     log:
         "results/logs/grade/{ref_slide}.log",
     benchmark:
         "results/benchmarks/grade/{ref_slide}.tsv"
+    conda:
+        "../envs/ml.yaml"
     threads: 2
     resources:
         mem_mb=scaled(4000),
         runtime=scaled(60),
         gpu=GPU,
         cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
-    conda:
-        "../envs/ml.yaml"
+    params:
+        threshold=config["grading"]["threshold"],
     script:
         "../scripts/grade.py"

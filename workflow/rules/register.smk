@@ -1,33 +1,39 @@
 rule register:
-    """ORB keypoints + Hamming matching + RANSAC homography between the two scans of a section."""
+    """ORB keypoints + Hamming matching + RANSAC homography from the section's reference scan to one
+    other scan of it (one job per moving slide: a section may have any number of scans)."""
     input:
-        unpack(pair_inputs),
+        unpack(registration_inputs),
     output:
-        registration="results/registration/{section}.json",
+        registration="results/registration/{mov_slide}.json",
         overlay=report(
-            "results/registration/{section}.png",
+            "results/registration/{mov_slide}.png",
             caption="../report/registration.rst",
             category="Registration",
         ),
-    params:
-        reg=config["registration"],
     log:
-        "results/logs/register/{section}.log",
+        "results/logs/register/{mov_slide}.log",
     benchmark:
-        "results/benchmarks/register/{section}.tsv"
+        "results/benchmarks/register/{mov_slide}.tsv"
+    conda:
+        "../envs/io.yaml"
     threads: 1
     resources:
         mem_mb=scaled(3000),
         runtime=scaled(30),
-    conda:
-        "../envs/io.yaml"
+    params:
+        n_features=config["registration"]["n_features"],
+        ransac_threshold=config["registration"]["ransac_threshold"],
+        min_inliers=config["registration"]["min_inliers"],
+        min_inlier_ratio=config["registration"]["min_inlier_ratio"],
+        coarse_max_side=config["registration"]["coarse_max_side"],
     script:
         "../scripts/register.py"
 
 
 rule map_cells:
-    """Cells, nucleus labels, tubules and points of the reference scan mapped onto the other scan;
-    whatever lands outside that slide is listed in the .outside.csv, never clipped."""
+    """Cells, nucleus labels, tubules and points of the reference scan mapped onto one other scan
+    with that scan's own registration; whatever lands outside the slide is listed in the
+    .outside.csv, never clipped."""
     input:
         unpack(mapped_cells_inputs),
     output:
@@ -40,11 +46,11 @@ rule map_cells:
         "results/logs/map_cells/{mov_slide}.log",
     benchmark:
         "results/benchmarks/map_cells/{mov_slide}.tsv"
+    conda:
+        "../envs/io.yaml"
     threads: 1
     resources:
         mem_mb=scaled(3000),
         runtime=scaled(30),
-    conda:
-        "../envs/io.yaml"
     script:
         "../scripts/map_cells.py"

@@ -12,17 +12,19 @@ rule report:
         folds="results/report/cv_folds.csv",
         summary="results/report/summary.json",
         boxplot=report("results/report/cv_boxplot.png", caption="../report/cv_boxplot.rst", category="Results"),
-        confusion=report(
-            "results/report/confusion_best.png", caption="../report/confusion.rst", category="Results"
-        ),
+        confusion=report("results/report/confusion_best.png", caption="../report/confusion.rst", category="Results"),
         stages=report("results/report/stages.csv", caption="../report/stages.rst", category="Pipeline"),
         geojson=directory("results/report/qupath"),
-    params:
-        config=config,
-        experiments=EXPERIMENTS,
     log:
         "results/logs/report.log",
     conda:
         "../envs/report.yaml"
+    params:
+        experiments=report_experiments(),
+        classes=config["classes"],
+        metric=config["report"]["metric"],
+        # provenance only (recorded in summary.json): report is a cheap local rule, so it reruns on
+        # any config edit to keep the recorded config true; no other rule takes the whole config
+        config=config,
     script:
         "../scripts/report.py"

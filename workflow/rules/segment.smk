@@ -5,21 +5,29 @@ rule train_segmenter:
     output:
         model="results/segmenter/model",
         metrics="results/segmenter/model.json",
-    params:
-        seg=segmenter_training_params(),
-        seed=config["seed"],
     log:
         "results/logs/train_segmenter.log",
     benchmark:
         "results/benchmarks/train_segmenter.tsv"
+    conda:
+        "../envs/seg.yaml"
     threads: 2
     resources:
         mem_mb=scaled(8000),
         runtime=scaled(240),
         gpu=GPU,
         cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
-    conda:
-        "../envs/seg.yaml"
+    params:
+        pretrained=config["segmentation"]["pretrained"],
+        diameter=config["segmentation"]["diameter"],
+        epochs=config["segmentation"]["epochs"],
+        learning_rate=config["segmentation"]["learning_rate"],
+        batch_size=config["segmentation"]["batch_size"],
+        bsize=config["segmentation"]["bsize"],
+        diam_mean=config["segmentation"]["diam_mean"],
+        nimg_per_epoch=config["segmentation"]["nimg_per_epoch"],
+        eval_tiles=config["segmentation"]["eval_tiles"],
+        seed=config["seed"],
     script:
         "../scripts/train_segmenter.py"
 
@@ -32,20 +40,23 @@ rule segment:
         model=segmenter_model,
     output:
         labels=directory("results/segmentation/{ref_slide}.zarr"),
-    params:
-        seg=segmenter_inference_params(),
     log:
         "results/logs/segment/{ref_slide}.log",
     benchmark:
         "results/benchmarks/segment/{ref_slide}.tsv"
+    conda:
+        "../envs/seg.yaml"
     threads: 2
     resources:
         mem_mb=scaled(6000),
         runtime=scaled(240),
         gpu=GPU,
         cpus_per_gpu=2,  # CPU cores per GPU when gpus_per_job > 0 (= threads)
-    conda:
-        "../envs/seg.yaml"
+    params:
+        method=config["segmentation"]["method"],
+        tile=config["segmentation"]["tile"],
+        overlap=config["segmentation"]["overlap"],
+        diameter=config["segmentation"]["diameter"],
     script:
         "../scripts/segment.py"
 
@@ -60,18 +71,18 @@ rule cells:
     output:
         cells="results/cells/{ref_slide}.parquet",
         geojson="results/cells/{ref_slide}.geojson",
-    params:
-        classes=config["classes"],
-        match_radius_px=config["segmentation"].get("match_radius_px", 10),
     log:
         "results/logs/cells/{ref_slide}.log",
     benchmark:
         "results/benchmarks/cells/{ref_slide}.tsv"
+    conda:
+        "../envs/seg.yaml"
     threads: 1
     resources:
         mem_mb=scaled(3000),
         runtime=scaled(30),
-    conda:
-        "../envs/seg.yaml"
+    params:
+        classes=config["classes"],
+        match_radius_px=config["segmentation"]["match_radius_px"],
     script:
         "../scripts/cells.py"

@@ -1,8 +1,10 @@
-from cellstage import stages
+import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
+
+from cellstage.cells.stage import cells
 from cellstage.utils import redirect_output
 
 with redirect_output(snakemake.log[0]):
-    stages.cells(
+    cells(
         snakemake.input.labels,
         snakemake.input.slide,
         snakemake.input.tubules,

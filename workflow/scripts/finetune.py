@@ -1,23 +1,31 @@
-from cellstage import stages
+from pathlib import Path
+
+import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
+
+from cellstage.train.stage import finetune
 from cellstage.utils import redirect_output
 
-# data-parallel devices per training job: config devices_per_job, used only with GPUs (gpus_per_job > 0);
-# the rule's gpu resource asks SLURM for gpus_per_job x devices_per_job GPUs
-DEVICES = int(snakemake.config.get("devices_per_job", 1)) if int(snakemake.config.get("gpus_per_job", 0)) > 0 else 1
-
 with redirect_output(snakemake.log[0]):
-    stages.finetune(
-        train=list(zip(snakemake.input.train_zarr, snakemake.input.train_index)),
-        test=list(zip(snakemake.input.test_zarr, snakemake.input.test_index)),
+    finetune(
+        train_zarr=list(snakemake.input.train_zarr),
+        train_index=list(snakemake.input.train_index),
+        test_zarr=list(snakemake.input.test_zarr),
+        test_index=list(snakemake.input.test_index),
         pretrained=snakemake.input.get("pretrained"),
-        out_metrics=snakemake.output.metrics,
+        out_dir=Path(snakemake.output.metrics).parent,  # writes metrics.json, predictions.parquet, history.csv
         fold=int(snakemake.wildcards.fold),
-        experiment=snakemake.params.experiment,
-        finetune=snakemake.params.finetune,
-        scans=snakemake.params.scans,
-        classes=snakemake.params.classes,
-        static_classes=snakemake.params.static_classes,
+        backbone=snakemake.wildcards.backbone,
+        img_size=snakemake.params.img_size,
+        background=snakemake.params.background,
+        distance=snakemake.params.distance,
+        n_folds=snakemake.params.n_folds,
+        epochs=snakemake.params.epochs,
+        batch_size=snakemake.params.batch_size,
+        lr=snakemake.params.lr,
+        group_by=snakemake.params.group_by,
+        classes=list(snakemake.params.classes),
+        static_classes=list(snakemake.params.static_classes),
         seed=snakemake.params.seed,
         threads=snakemake.threads,
-        devices=DEVICES,
+        devices=snakemake.params.devices,
     )

@@ -1,8 +1,10 @@
-from cellstage import stages
+import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
+
+from cellstage.register.stage import map_cells
 from cellstage.utils import redirect_output
 
 with redirect_output(snakemake.log[0]):
-    stages.map_cells(
+    map_cells(
         snakemake.input.registration,
         snakemake.input.cells,
         snakemake.input.labels,

@@ -1,20 +1,24 @@
-from cellstage import stages
+from pathlib import Path
+
+import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
+
+from cellstage.ssl.stage import pretrain
 from cellstage.utils import redirect_output
 
-# data-parallel devices per training job: config devices_per_job, used only with GPUs (gpus_per_job > 0);
-# the rule's gpu resource asks SLURM for gpus_per_job x devices_per_job GPUs
-DEVICES = int(snakemake.config.get("devices_per_job", 1)) if int(snakemake.config.get("gpus_per_job", 0)) > 0 else 1
-
 with redirect_output(snakemake.log[0]):
-    stages.pretrain(
-        snakemake.wildcards.run,
+    pretrain(
         list(snakemake.input.zarr),
         list(snakemake.input.index),
         list(snakemake.input.get("grading", [])),
-        snakemake.output.weights,
-        pretrain=snakemake.params.pretrain,
-        scans=snakemake.params.scans,
+        Path(snakemake.output.weights).parent,  # writes backbone.safetensors, history.csv, loss.png, pretrain.json
+        method=snakemake.wildcards.method,
+        backbone=snakemake.wildcards.backbone,
+        img_size=snakemake.params.img_size,
+        variant=snakemake.params.variant,
+        epochs=snakemake.params.epochs,
+        batch_size=snakemake.params.batch_size,
+        max_crops=snakemake.params.max_crops,
         seed=snakemake.params.seed,
         threads=snakemake.threads,
-        devices=DEVICES,
+        devices=snakemake.params.devices,
     )

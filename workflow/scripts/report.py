@@ -1,10 +1,14 @@
-from cellstage import stages
+import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
+
+from cellstage.report.stage import report
 from cellstage.utils import redirect_output
 
 with redirect_output(snakemake.log[0]):
-    stages.report(
+    report(
         dict(snakemake.input.items()),
         dict(snakemake.output.items()),
-        config=snakemake.params.config,
         experiments=snakemake.params.experiments,
+        classes=list(snakemake.params.classes),
+        metric=snakemake.params.metric,
+        config=snakemake.params.config,
     )
