@@ -9,16 +9,18 @@ CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-slurm bench lint report clean-results help setup setup-bioformats demo-data
+.PHONY: check demo test test-fast test-slurm bench lint report clean-results help setup setup-bioformats setup-env-twins demo-data
 
 help:
 	@echo "make demo        set up, generate the demo slides, run the whole workflow"
 	@echo "make test        set up, run the test suite (unit + integration)"
 	@echo "make test-fast   unit tests only"
 	@echo "make bench       benchmarks -> results/bench/*.json"
-	@echo "make lint        snakemake --lint"
+	@echo "make check       import-linter layer contract, ruff, snakefmt (run by make test)"
+	@echo "make lint        make check + snakemake --lint"
 	@echo "make report      snakemake --report results/report.html"
 	@echo "make setup-bioformats  the optional Bio-Formats reader env in .venv-bioformats (numpy<2, Java)"
+	@echo "make setup-env-twins   pip twins of workflow/envs/{io,seg,ml,report}.yaml in .venv-envs/ (tests/integration/test_envs.py)"
 
 setup: $(VENV)/.installed
 
@@ -42,6 +44,15 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 BF_VENV := .venv-bioformats
 BF_ENV := workflow/envs/bioformats.yaml
 
+# $(call env-pins,ENV_YAML,VENV): VENV/requirements.txt = the `name==version` lines of the env's
+# pip section; VENV/constraints.txt = requirements.lock without those names (so what they pull in
+# is the tested version, and a pin that differs from the lock on purpose still wins).
+define env-pins
+sed -n 's/^ *- \([A-Za-z0-9_.-]*==[^ #]*\).*/\1/p' $(1) > $(2)/requirements.txt
+names="$$(sed 's/==.*//' $(2)/requirements.txt | tr 'A-Z_' 'a-z-' | paste -sd'|')"; \
+	  tr 'A-Z_' 'a-z-' < requirements.lock | grep -v -E "^($$names)==" > $(2)/constraints.txt
+endef
+
 setup-bioformats: $(BF_VENV)/.installed
 
 $(BF_VENV)/.installed: $(BF_ENV) requirements.lock pyproject.toml
@@ -50,13 +61,33 @@ $(BF_VENV)/.installed: $(BF_ENV) requirements.lock pyproject.toml
 	  echo "error: no JDK (javac) found: install one (Debian: apt-get install default-jdk-headless) or set JAVA_HOME"; exit 1; }
 	test -x $(BF_VENV)/bin/python || $(PYTHON) -m venv $(BF_VENV)
 	$(BF_VENV)/bin/python -m pip install --quiet --upgrade pip
-	sed -n 's/^ *- \([A-Za-z0-9_.-]*==[^ #]*\).*/\1/p' $(BF_ENV) > $(BF_VENV)/requirements.txt
-	names="$$(sed 's/==.*//' $(BF_VENV)/requirements.txt | tr 'A-Z_' 'a-z-' | paste -sd'|')"; \
-	  tr 'A-Z_' 'a-z-' < requirements.lock | grep -v -E "^($$names)==" > $(BF_VENV)/constraints.txt
+	$(call env-pins,$(BF_ENV),$(BF_VENV))
 	export JAVA_HOME="$${JAVA_HOME:-$$(dirname "$$(dirname "$$(readlink -f "$$(command -v javac)")")")}"; \
 	  $(BF_VENV)/bin/python -m pip install --quiet -r $(BF_VENV)/requirements.txt -c $(BF_VENV)/constraints.txt
 	$(BF_VENV)/bin/python -m pip install --quiet --no-deps -e .
-	$(BF_VENV)/bin/python -c "import numpy, javabridge, bioformats, cellstage.cli, cellstage.io; assert numpy.__version__.startswith('1.26'), numpy.__version__"
+	$(BF_VENV)/bin/python -c "import numpy, javabridge, bioformats, cellstage.cli, cellstage.io.stage, cellstage.io.slides.bioformats; assert numpy.__version__.startswith('1.26'), numpy.__version__"
+	touch $@
+
+# Twins of the per-rule conda environments (workflow/envs/*.yaml; bioformats.yaml's twin is
+# .venv-bioformats above): a plain venv per env holding exactly the env's pip section, built the
+# same way, WITHOUT cellstage (the conda envs do not install it either: the rule scripts import it
+# from the repository's src/, see docs/hpc.md). tests/integration/test_envs.py runs the rule
+# scripts in them, so a module missing from an env fails here, not on a cluster. A changed yaml
+# rebuilds its twin from scratch (a package dropped from the yaml must not linger in the twin).
+# Measured on 2 cores under load 5-8 (pip from the local wheel store): io 90-143 s, report
+# 102-134 s, seg 262-290 s, ml 148-362 s; 15 GB on disk (seg and ml hold torch, 6+ GB each).
+ENV_TWINS := io seg ml report
+TWIN_DIR := .venv-envs
+
+setup-env-twins: $(foreach e,$(ENV_TWINS),$(TWIN_DIR)/$(e)/.installed)
+
+$(TWIN_DIR)/%/.installed: workflow/envs/%.yaml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	rm -rf $(TWIN_DIR)/$*
+	$(PYTHON) -m venv $(TWIN_DIR)/$*
+	$(TWIN_DIR)/$*/bin/python -m pip install --quiet --upgrade pip
+	$(call env-pins,workflow/envs/$*.yaml,$(TWIN_DIR)/$*)
+	$(TWIN_DIR)/$*/bin/python -m pip install --quiet -r $(TWIN_DIR)/$*/requirements.txt -c $(TWIN_DIR)/$*/constraints.txt
 	touch $@
 
 demo-data: setup
@@ -70,7 +101,14 @@ demo: setup demo-data
 report: setup
 	$(SNAKEMAKE) --report results/report.html
 
-test: setup setup-bioformats
+# the package's shape and style, checked before the tests: import-linter's layer contract
+# (.importlinter), ruff (ruff.toml), snakefmt (pyproject [tool.snakefmt]); ~10 s
+check: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile workflow/
+
+test: setup setup-bioformats setup-env-twins check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup setup-bioformats
@@ -83,7 +121,7 @@ test-slurm: setup
 bench: setup
 	$(BIN)/python -m pytest tests/benchmarks -s $(PYTEST_ARGS)
 
-lint: setup
+lint: check demo-data
 	$(BIN)/snakemake --lint
 
 clean-results:

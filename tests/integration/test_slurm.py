@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_workflow import TINY_OVERRIDES, _merge
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +112,8 @@ def _run(workdir: Path, *args: str, snakefile: Path | None = None, timeout: floa
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s:\n{out[-3000:]}\n{err[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} still running after {timeout} s:\n{out[-3000:]}\n{err[-6000:]}") from None
     return proc, time.time() - t0
 
 

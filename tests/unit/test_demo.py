@@ -216,7 +216,7 @@ def test_homography_maps_nuclei_onto_20x(tiny):
         gray = cv2.cvtColor(im20, cv2.COLOR_RGB2GRAY).astype(float)
         pts = np.asarray(t["points"], float)
 
-        def mean_at(H):
+        def mean_at(H, pts=pts, gray=gray):
             q = cv2.perspectiveTransform(pts[None], H)[0]
             ok = (q[:, 0] >= 0) & (q[:, 1] >= 0) & (q[:, 0] < gray.shape[1] - 1) & (
                 q[:, 1] < gray.shape[0] - 1)

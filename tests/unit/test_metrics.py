@@ -14,12 +14,12 @@ from cellstage.metrics import (
 from cellstage.taxonomy import Taxonomy
 
 TAX = Taxonomy()  # PMC, SC, Spg Ad, Spg, Pl-Z, P, rsptd, esptd; static PMC, SC
-I = {c: i for i, c in enumerate(TAX.classes)}
+IDX = {c: i for i, c in enumerate(TAX.classes)}
 
 
 def _pairs(*pairs):
-    y = np.array([I[t] for t, _ in pairs])
-    p = np.array([I[q] for _, q in pairs])
+    y = np.array([IDX[t] for t, _ in pairs])
+    p = np.array([IDX[q] for _, q in pairs])
     return y, p
 
 
