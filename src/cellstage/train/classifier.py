@@ -36,7 +36,7 @@ def load_pretrained(backbone: nn.Module, path: str | Path, backbone_name: str) -
     if not p.is_file():
         raise CellstageError(
             f"pretrained_path: {p} does not exist (expected a safetensors backbone state dict, "
-            f"e.g. results/pretrain/<method>-{backbone_name}-<scan>/backbone.safetensors)"
+            f"e.g. results/pretrain/<method>/{backbone_name}/<scan>/backbone.safetensors)"
         )
     try:
         load_weights(backbone, p, strict=True)
