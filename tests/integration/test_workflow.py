@@ -84,7 +84,16 @@ def test_tiny_workflow_produces_finite_metrics(tiny_run):
     best = json.loads((work / "results/report/summary.json").read_text())
     assert best["best_experiment"] in set(summary["experiment"])
     assert (work / "results/report/cv_boxplot.png").stat().st_size > 1000
-    assert seconds < 600, f"the reduced run took {seconds:.0f} s (limit 600 s)"
+    # invariants of the metrics (an exact hit is also in the top 2 and adjacent), per configuration
+    for split in ("val", "test"):
+        top1, top2, adj1 = (summary[f"{split}_{m}_mean"] for m in ("top1", "top2", "adj1"))
+        assert (top2 >= top1 - 1e-9).all() and (adj1 >= top1 - 1e-9).all(), summary
+    assert set(summary["n_folds"]) == {3}
+    # every non-reference slide was registered to its section's reference slide
+    stages = pd.read_csv(work / "results/report/stages.csv")
+    moving = stages[stages["scan"] == "20x"]
+    assert len(moving) and moving["registered_to"].str.endswith("_40x").all(), stages
+    # no wall-time assertion: run time is a figure (printed above), not a pass/fail on a busy machine
 
 
 @pytest.mark.slow
