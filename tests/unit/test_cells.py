@@ -134,10 +134,18 @@ def test_point_assignment():
     })
     # A on 5 (label lookup); B on 9; C also on 9 -> multiple; D far -> unmatched;
     # E next to 11 (centroid (39.5, 159.5), 12.5 px away) -> nearest within radius 15; F unmatched
+    # every point reaches a row: C, D and F are anchored at the point itself, cell_id -(index + 1)
     df = cell_table(lab, None, mpp=0.25, slide="s", points=pts, match_radius_px=15)
     got = dict(zip(df.cell_id, df.label))
-    assert got == {5: "A", 9: "B", 11: "E"}
+    assert got == {5: "A", 9: "B", 11: "E", -3: "C", -4: "D", -6: "F"}
+    assert dict(zip(df.cell_id, df.anchor)) == {5: "nucleus", 9: "nucleus", 11: "nucleus",
+                                                -3: "point", -4: "point", -6: "point"}
+    d = df.set_index("cell_id").loc[-4]
+    assert (d.centroid_x, d.centroid_y, d.bbox_x0, d.bbox_y0, d.bbox_x1, d.area_px) == (60.0, 10.0, 60, 10, 61, 0)
     c = df.attrs["point_matching"]
-    assert c == {"points": 6, "matched": 3, "unmatched": 2, "multiple": 1, "by_label": 2, "by_nearest": 1}
+    assert {k: c[k] for k in ("points", "matched", "unmatched", "multiple", "by_label", "by_nearest")} == {
+        "points": 6, "matched": 3, "unmatched": 2, "multiple": 1, "by_label": 2, "by_nearest": 1}
+    assert (c["outside"], c["point_anchored"]) == (0, 3)
+    assert c["on_nucleus_fraction"] == pytest.approx(3 / 6)
     df2 = cell_table(lab, None, mpp=0.25, slide="s", points=pts)  # default radius 10 px
     assert dict(zip(df2.cell_id, df2.label))[11] == ""

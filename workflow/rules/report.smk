@@ -23,6 +23,7 @@ rule report:
         experiments=report_experiments(),
         classes=config["classes"],
         metric=config["report"]["metric"],
+        min_points_on_nuclei=config["segmentation"]["min_points_on_nuclei"],
         # provenance only (recorded in summary.json): report is a cheap local rule, so it reruns on
         # any config edit to keep the recorded config true; no other rule takes the whole config
         config=config,

@@ -62,7 +62,8 @@ rule segment:
 
 
 rule cells:
-    """Per-nucleus table: morphology, tubule, distance to the tubule wall, annotated class."""
+    """Per-nucleus table: morphology, tubule, distance to the tubule wall, annotated class; plus one row
+    per annotated point that matched no nucleus (cropped at the point) and the per-point list."""
     input:
         labels="results/segmentation/{ref_slide}.zarr",
         slide="results/slides/{ref_slide}.ome.zarr",
@@ -71,6 +72,7 @@ rule cells:
     output:
         cells="results/cells/{ref_slide}.parquet",
         geojson="results/cells/{ref_slide}.geojson",
+        points="results/cells/{ref_slide}.points.csv",
     log:
         "results/logs/cells/{ref_slide}.log",
     benchmark:
@@ -84,5 +86,6 @@ rule cells:
     params:
         classes=config["classes"],
         match_radius_px=config["segmentation"]["match_radius_px"],
+        min_points_on_nuclei=config["segmentation"]["min_points_on_nuclei"],
     script:
         "../scripts/cells.py"

@@ -11,7 +11,9 @@ with redirect_output(snakemake.log[0]):
         snakemake.input.points[0] if snakemake.input.points else None,
         snakemake.output.cells,
         geojson=snakemake.output.geojson,
+        out_points=snakemake.output.points,
         slide_id=snakemake.wildcards.ref_slide,
         classes=snakemake.params.classes,
         match_radius_px=snakemake.params.match_radius_px,
+        min_points_on_nuclei=snakemake.params.min_points_on_nuclei,
     )

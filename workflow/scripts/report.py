@@ -10,5 +10,6 @@ with redirect_output(snakemake.log[0]):
         experiments=snakemake.params.experiments,
         classes=list(snakemake.params.classes),
         metric=snakemake.params.metric,
+        min_points_on_nuclei=snakemake.params.min_points_on_nuclei,
         config=snakemake.params.config,
     )

@@ -36,7 +36,7 @@ COLUMNS = {
     "bbox_x0": "int64", "bbox_y0": "int64", "bbox_x1": "int64", "bbox_y1": "int64",
     "area_px": "int64", "perimeter_px": "float64", "compactness": "float64",
     "area_um2": "float64", "perimeter_um": "float64", "roi_id": "object", "distance_to_wall_px": "float64",
-    "distance_to_wall_um": "float64", "distance_norm": "float64", "label": "object",
+    "distance_to_wall_um": "float64", "distance_norm": "float64", "anchor": "object", "label": "object",
 }
 
 
@@ -135,62 +135,153 @@ def measure_labels(labels, *, block: int = 2048, points_xy: np.ndarray | None = 
     return df, pt_ids
 
 
-def assign_points(cells: pd.DataFrame, points: pd.DataFrame, point_cell_ids=None, *,
-                  match_radius_px: float | None = None):
-    """Give each nucleus the class of the annotation point on it.
+POINT_STATUS = ("nucleus", "point", "outside")  # per annotated point: what its crop is centred on
+POINT_COLUMNS = ["point", "x", "y", "label", "status", "cell_id", "match"]
+ADVICE = ("train or fine-tune the segmenter on a few nucleus masks of these slides (sheet column 'masks'), "
+          "or adjust segmentation.diameter")
+
+
+def match_points(cells: pd.DataFrame, points: pd.DataFrame, point_cell_ids=None, *,
+                 match_radius_px: float | None = None, shape: tuple[int, int] | None = None) -> pd.DataFrame:
+    """What every annotation point is matched to (one row per point, in ``points`` order).
 
     A point is matched to the nucleus whose label is under it (``point_cell_ids``: label value
-    at each rounded point, 0 = background; None → not used), else to the nearest centroid
-    within ``match_radius_px`` (default 10 px). A point lying on a nucleus that is not in
-    ``cells`` (dropped: outside ROIs) is unmatched. When several points reach one nucleus the
-    first (in ``points`` order) wins, the others are counted as ``multiple``.
-    Returns (array of str aligned with ``cells`` rows, "" = unlabelled; counts dict
-    {"points", "matched", "unmatched", "multiple", "by_label", "by_nearest"}).
+    at each rounded point, 0 = background; None → not used; ``match = "under"``), else to the
+    nearest centroid within ``match_radius_px`` (default 10 px; ``match = "nearest"``). A point
+    on a nucleus that is not in ``cells`` (dropped: outside ROIs) is unmatched. When several
+    points reach one nucleus the first (in ``points`` order) wins; the others are unmatched
+    with ``match = "multiple"``. ``shape`` (H, W): points whose rounded position lies outside
+    it are ``outside`` the slide (never matched).
+
+    Columns ``POINT_COLUMNS``: ``point`` (index in ``points``), x, y, label, ``status``
+    (``nucleus`` = matched, ``point`` = inside the slide but matched to no nucleus: its crop is
+    centred on the point itself, ``outside``), ``cell_id`` (the matched nucleus, -1 otherwise),
+    ``match`` ("under", "nearest", "multiple" or "").
     """
     from scipy.spatial import cKDTree
 
     r = 10.0 if match_radius_px is None else float(match_radius_px)
-    out = np.full(len(cells), "", dtype=object)
-    counts = {"points": int(len(points)), "matched": 0, "unmatched": 0, "multiple": 0,
-              "by_label": 0, "by_nearest": 0}
-    if len(points) == 0:
-        return out, counts
-    row_of = {int(c): i for i, c in enumerate(cells["cell_id"].to_numpy())}
+    n = len(points)
+    xs = points["x"].to_numpy(float) if n else np.zeros(0)
+    ys = points["y"].to_numpy(float) if n else np.zeros(0)
+    status = np.full(n, "point", dtype=object)
+    cell_id = np.full(n, -1, np.int64)
+    match = np.full(n, "", dtype=object)
+    if shape is not None and n:
+        px, py = np.rint(xs), np.rint(ys)
+        off = ~((px >= 0) & (px < shape[1]) & (py >= 0) & (py < shape[0]))
+        status[off] = "outside"
+    ids_all = cells["cell_id"].to_numpy(np.int64)
+    row_of = {int(c): i for i, c in enumerate(ids_all)}
     tree = cKDTree(cells[["centroid_x", "centroid_y"]].to_numpy(float)) if len(cells) else None
-    xs = points["x"].to_numpy(float)
-    ys = points["y"].to_numpy(float)
-    labs = points["label"].astype(str).to_numpy()
-    ids = np.zeros(len(points), np.int64) if point_cell_ids is None else np.asarray(point_cell_ids, np.int64)
-    for i in range(len(points)):
+    ids = np.zeros(n, np.int64) if point_cell_ids is None else np.asarray(point_cell_ids, np.int64)
+    taken: set[int] = set()
+    for i in range(n):
+        if status[i] == "outside":
+            continue
         row, how = None, None
         if ids[i] > 0:
-            row, how = row_of.get(int(ids[i])), "by_label"
+            row, how = row_of.get(int(ids[i])), "under"
         elif tree is not None:
             d, j = tree.query([xs[i], ys[i]], distance_upper_bound=r)
             if np.isfinite(d):
-                row, how = int(j), "by_nearest"
+                row, how = int(j), "nearest"
         if row is None:
-            counts["unmatched"] += 1
-        elif out[row] != "":
-            counts["multiple"] += 1
-        else:
-            out[row] = labs[i]
-            counts["matched"] += 1
-            counts[how] += 1
+            continue
+        if row in taken:
+            match[i] = "multiple"
+            continue
+        taken.add(row)
+        status[i], cell_id[i], match[i] = "nucleus", ids_all[row], how
+    return pd.DataFrame({
+        "point": np.arange(n, dtype=np.int64), "x": xs, "y": ys,
+        "label": points["label"].astype(str).to_numpy() if n else np.zeros(0, object),
+        "status": status, "cell_id": cell_id, "match": match,
+    })[POINT_COLUMNS]
+
+
+def point_counts(matched: pd.DataFrame) -> dict:
+    """Counts of a :func:`match_points` table, and ``on_nucleus_fraction``: the share of the points
+    inside the slide that were matched to a segmented nucleus (None when there are none): the
+    segmentation QC figure."""
+    st = matched["status"]
+    inside = int((st != "outside").sum())
+    n_nuc = int((st == "nucleus").sum())
+    return {
+        "points": int(len(matched)), "matched": n_nuc,
+        "unmatched": int(((st == "point") & (matched["match"] != "multiple")).sum()),
+        "multiple": int((matched["match"] == "multiple").sum()),
+        "by_label": int((matched["match"] == "under").sum()), "by_nearest": int((matched["match"] == "nearest").sum()),
+        "outside": int((st == "outside").sum()), "point_anchored": int((st == "point").sum()),
+        "inside": inside,
+        "on_nucleus_fraction": (n_nuc / inside) if inside else None,
+    }
+
+
+def segmentation_qc(fraction: float | None, min_points_on_nuclei: float) -> str:
+    """"" when the share of annotated points on a segmented nucleus (``on_nucleus_fraction`` of
+    :func:`point_counts`; None = no points) reaches ``min_points_on_nuclei``, else the warning
+    with what to do about it."""
+    if fraction is None or fraction >= float(min_points_on_nuclei):
+        return ""
+    return (f"only {100 * fraction:.0f}% of the annotated points fall on a segmented nucleus "
+            f"(threshold {100 * float(min_points_on_nuclei):.0f}%): {ADVICE}")
+
+
+def assign_points(cells: pd.DataFrame, points: pd.DataFrame, point_cell_ids=None, *,
+                  match_radius_px: float | None = None):
+    """Give each nucleus the class of the annotation point on it (matching: :func:`match_points`).
+
+    Returns (array of str aligned with ``cells`` rows, "" = unlabelled; counts dict
+    {"points", "matched", "unmatched", "multiple", "by_label", "by_nearest", ...} of
+    :func:`point_counts`).
+    """
+    out = np.full(len(cells), "", dtype=object)
+    matched = match_points(cells, points, point_cell_ids, match_radius_px=match_radius_px)
+    counts = point_counts(matched)
+    hit = matched[matched["status"] == "nucleus"]
+    if len(hit):
+        row_of = pd.Series(np.arange(len(cells)), index=cells["cell_id"].to_numpy(np.int64))
+        out[row_of.loc[hit["cell_id"].to_numpy()].to_numpy()] = hit["label"].to_numpy()
     if counts["multiple"]:
         log.warning("%d annotation points hit a nucleus that already had a point (first kept)",
                     counts["multiple"])
     return out, counts
 
 
+def _roi_columns(rois, xs, ys):
+    """(roi index (-1 = none), roi_id, distance_to_wall_px, distance_norm) of points (xs, ys)."""
+    idx = _assign_rois(rois, xs, ys)
+    dist = np.full(len(xs), np.nan)
+    norm = np.full(len(xs), np.nan)
+    roi_ids = np.full(len(xs), "", dtype=object)
+    for k in np.unique(idx[idx >= 0]):
+        rid, poly = rois[k]
+        sel = np.flatnonzero(idx == k)
+        d = distance_to_wall(poly, np.asarray(xs)[sel], np.asarray(ys)[sel])
+        dist[sel] = d
+        norm[sel] = d / roi_geometry(poly)["norm_factor"]
+        roi_ids[sel] = str(rid)
+    return idx, roi_ids, dist, norm
+
+
 def cell_table(labels, rois, *, mpp: float, slide: str, points: pd.DataFrame | None = None,
                match_radius_px: float | None = None, block: int = 2048,
-               keep_outside: bool = False) -> pd.DataFrame:
-    """One row per nucleus with the columns of docs/contracts.md (``COLUMNS`` order/dtypes).
+               keep_outside: bool = False, with_points: bool = False):
+    """One row per nucleus, then one per point-anchored annotation, with the columns of
+    docs/contracts.md (``COLUMNS`` order/dtypes).
 
     ``labels``: (y, x) label array (zarr or numpy). ``rois``: list of (roi_id, Polygon) in
     level-0 px (None = no ROI filter). ``points``: DataFrame[x, y, label] of annotations.
-    Point matching counts are in ``df.attrs["point_matching"]``.
+
+    Every annotation point inside the slide reaches a row (:func:`match_points`): a matched
+    point labels its nucleus (``anchor = "nucleus"``); any other (on no kept nucleus, or on a
+    nucleus another point already labelled) gets a row of its own, ``anchor = "point"``, with
+    ``cell_id = -(point index + 1)``, the point as centroid, a 1-px bbox, area and perimeter 0,
+    compactness NaN, and the ROI and wall distance of the point (kept, ``roi_id = ""``, when
+    the point lies in no ROI). Points outside the slide get no row. Counts
+    (:func:`point_counts`) are in ``df.attrs["point_matching"]``; ``with_points=True`` returns
+    ``(df, per-point table of match_points)``, where a point-anchored point's ``cell_id`` is its row's.
     """
     if mpp is None or not (float(mpp) > 0):
         from ..utils import CellstageError
@@ -210,33 +301,46 @@ def cell_table(labels, rois, *, mpp: float, slide: str, points: pd.DataFrame | N
     df["distance_to_wall_px"] = np.nan
     df["distance_norm"] = np.nan
     if rois is not None:
-        idx = _assign_rois(rois, df["centroid_x"].to_numpy(), df["centroid_y"].to_numpy())
-        if not keep_outside:
-            n_out = int((idx < 0).sum())
-            if n_out:
-                log.info("%s: dropped %d nuclei outside all ROIs", slide, n_out)
-            df = df[idx >= 0].reset_index(drop=True)
-            idx = idx[idx >= 0]
-        dist = np.full(len(df), np.nan)
-        norm = np.full(len(df), np.nan)
-        roi_ids = np.full(len(df), "", dtype=object)
-        for k in np.unique(idx[idx >= 0]):
-            rid, poly = rois[k]
-            sel = np.flatnonzero(idx == k)
-            d = distance_to_wall(poly, df["centroid_x"].to_numpy()[sel], df["centroid_y"].to_numpy()[sel])
-            dist[sel] = d
-            norm[sel] = d / roi_geometry(poly)["norm_factor"]
-            roi_ids[sel] = str(rid)
-        df["roi_id"] = roi_ids
-        df["distance_to_wall_px"] = dist
-        df["distance_norm"] = norm
-    df["distance_to_wall_um"] = df["distance_to_wall_px"] * mpp
-    counts = None
+        idx, roi_ids, dist, norm = _roi_columns(rois, df["centroid_x"].to_numpy(), df["centroid_y"].to_numpy())
+        keep = np.ones(len(df), bool) if keep_outside else idx >= 0
+        n_out = int((~keep).sum())
+        if n_out:
+            log.info("%s: dropped %d nuclei outside all ROIs", slide, n_out)
+        df = df[keep].reset_index(drop=True)
+        df["roi_id"] = roi_ids[keep]
+        df["distance_to_wall_px"] = dist[keep]
+        df["distance_norm"] = norm[keep]
+    df["anchor"] = "nucleus"
+    df["label"] = ""
+    matched = None
     if points is not None:
-        df["label"], counts = assign_points(df, points, pt_ids, match_radius_px=match_radius_px)
-    else:
-        df["label"] = ""
+        shape = tuple(int(v) for v in labels.shape[:2])
+        matched = match_points(df, points, pt_ids, match_radius_px=match_radius_px, shape=shape)
+        hit = matched[matched["status"] == "nucleus"]
+        if len(hit):
+            row_of = pd.Series(np.arange(len(df)), index=df["cell_id"].to_numpy(np.int64))
+            df.loc[row_of.loc[hit["cell_id"].to_numpy()].to_numpy(), "label"] = hit["label"].to_numpy()
+        own = matched[matched["status"] == "point"]
+        matched.loc[own.index, "cell_id"] = -(own["point"].to_numpy(np.int64) + 1)
+        if len(own):
+            xs, ys = own["x"].to_numpy(float), own["y"].to_numpy(float)
+            cx, cy = np.floor(xs + 0.5).astype(np.int64), np.floor(ys + 0.5).astype(np.int64)
+            prow = pd.DataFrame({
+                "cell_id": -(own["point"].to_numpy(np.int64) + 1), "slide": slide, "centroid_x": xs, "centroid_y": ys,
+                "bbox_x0": cx, "bbox_y0": cy, "bbox_x1": cx + 1, "bbox_y1": cy + 1, "area_px": 0,
+                "perimeter_px": 0.0, "compactness": np.nan, "area_um2": 0.0, "perimeter_um": 0.0,
+                "roi_id": "", "distance_to_wall_px": np.nan, "distance_norm": np.nan,
+                "anchor": "point", "label": own["label"].to_numpy(),
+            })
+            if rois is not None:
+                _, prow["roi_id"], prow["distance_to_wall_px"], prow["distance_norm"] = _roi_columns(rois, xs, ys)
+            df = pd.concat([df, prow], ignore_index=True)
+    df["distance_to_wall_um"] = df["distance_to_wall_px"] * mpp
     df = df[list(COLUMNS)].astype(COLUMNS)
-    if counts is not None:
+    if matched is not None:
+        counts = point_counts(matched)
         df.attrs["point_matching"] = counts
-    return df
+        if counts["multiple"]:
+            log.info("%s: %d annotation points hit a nucleus that already had a point: cropped at the point",
+                     slide, counts["multiple"])
+    return (df, matched) if with_points else df

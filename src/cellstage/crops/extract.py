@@ -9,6 +9,14 @@ is the position in the zarr arrays.
 
 Crop window (never shifted): ``cx = floor(centroid_x + 0.5)``, columns
 ``[cx - size//2, cx - size//2 + size)``; the centroid pixel is at crop index ``size//2``.
+
+Point-anchored rows of the cell table (``anchor = "point"``: an annotation that matched no
+nucleus) are cropped the same way around the point; their nucleus mask (and so the
+without-background crop) comes from a point-prompted classical segmentation of the crop window
+itself (:func:`cellstage.segment.classical.segment_at_point`, expected nucleus diameter
+``PROMPT_DIAMETER * size``). The index says which: ``anchor`` (nucleus / point) and
+``mask_source`` (``segmentation`` = the slide's label image, ``point_prompt``, or ``none`` = no
+object near the point: empty mask, black without-background crop).
 """
 
 from __future__ import annotations
@@ -24,7 +32,14 @@ from ..utils import CellstageError, atomic_path, release_free_memory
 TRIM_EVERY = 8  # blocks between malloc_trim calls
 INDEX_ROWS = 65536  # rows per row group of the index parquet (written as the crops are)
 INDEX_COLUMNS = ["row", "cell_id", "slide", "section", "scan", "patient", "split", "label",
-                 "label_idx", "centroid_x", "centroid_y", "distance_to_wall_um", "distance_norm"]
+                 "label_idx", "centroid_x", "centroid_y", "distance_to_wall_um", "distance_norm",
+                 "anchor", "mask_source"]
+ANCHORS = ["nucleus", "point"]
+MASK_SOURCES = ["segmentation", "point_prompt", "none"]
+# Expected nucleus diameter of a point prompt as a share of the crop edge: 12 px (the classical
+# segmenter's min_diameter) at 80 px crops (40x); the crop edge is set per scan, so this scales
+# with the magnification.
+PROMPT_DIAMETER = 0.15
 
 
 def window_origin(coord, size: int) -> np.ndarray:
@@ -99,6 +114,17 @@ def cut_cells(region: np.ndarray, labreg: np.ndarray, ys: np.ndarray, xs: np.nda
         cv2.bitwise_and(flat, flat, dst=masked.reshape(m * size, size, 3),
                         mask=masks.view(np.uint8).reshape(m * size, size))
     return imgs, masked, masks
+
+
+def prompt_mask(image: np.ndarray, masked: np.ndarray, mask: np.ndarray, x: float, y: float, size: int) -> int:
+    """Fill ``mask`` and ``masked`` (in place) of one point-anchored crop from a point-prompted
+    segmentation of its ``image`` (point at crop px ``x``, ``y``); returns the MASK_SOURCES code."""
+    from ..segment.classical import segment_at_point
+
+    m = segment_at_point(image, x, y, min_diameter=PROMPT_DIAMETER * size)
+    mask[...] = m
+    masked[...] = image * m[..., None]
+    return MASK_SOURCES.index("point_prompt" if m.any() else "none")
 
 
 # --------------------------------------------------------------------------- arbitrary points
@@ -221,11 +247,11 @@ def extract_crops(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    wanted = ["cell_id", "centroid_x", "centroid_y", "label", "distance_to_wall_um", "distance_norm"]
+    wanted = ["cell_id", "centroid_x", "centroid_y", "label", "distance_to_wall_um", "distance_norm", "anchor"]
     present = set(pq.read_schema(cells_parquet).names)
     # not the whole table, and labels as categories: no Python string per nucleus
     cells = pq.read_table(cells_parquet, columns=[c for c in wanted if c in present],
-                          read_dictionary=["label"] if "label" in present else None)
+                          read_dictionary=[c for c in ("label", "anchor") if c in present] or None)
     cells = cells.to_pandas(split_blocks=True, self_destruct=True)
     pa.default_memory_pool().release_unused()  # else arrow's pool keeps the table's buffers too
     release_free_memory()
@@ -241,6 +267,8 @@ def extract_crops(
     if n and not (np.isfinite(cx).all() and np.isfinite(cy).all()):
         raise CellstageError(f"{cells_parquet}: non-finite centroid_x/centroid_y")
     cell_ids = cells["cell_id"].to_numpy()
+    at_point = (cells["anchor"] == "point").to_numpy(bool) if "anchor" in cells.columns else np.zeros(n, bool)
+    mask_code = np.zeros(n, np.int8)  # index into MASK_SOURCES, per cell position
 
     slide = ZarrSlide(slide_zarr)
     img_arr = slide.arrays[0]  # (c, y, x)
@@ -282,6 +310,8 @@ def extract_crops(
             "centroid_x": cx[pos],
             "centroid_y": cy[pos],
             **{c: (v[pos] if v is not None else np.full(m, np.nan)) for c, v in extra.items()},
+            "anchor": pa.DictionaryArray.from_arrays(at_point[pos].astype(np.int8), ANCHORS),
+            "mask_source": pa.DictionaryArray.from_arrays(mask_code[pos], MASK_SOURCES),
         }
         arrays = [pa.array(cols[c]) if isinstance(cols[c], np.ndarray) else cols[c].cast(pa.string())
                   for c in INDEX_COLUMNS]
@@ -318,6 +348,9 @@ def extract_crops(
                         idx = idx_all[c0: c0 + batch]
                         images, masked, masks = cut_cells(region, labreg, wy0[idx] - ry0, wx0[idx] - rx0,
                                                           cell_ids[idx], size)
+                        for j in np.flatnonzero(at_point[idx]):
+                            mask_code[idx[j]] = prompt_mask(images[j], masked[j], masks[j], cx[idx[j]] - wx0[idx[j]],
+                                                            cy[idx[j]] - wy0[idx[j]], size)
                         writer.add(images=images, masked=masked, masks=masks)
                     pending.append(idx_all)
                     n_pending += len(idx_all)
@@ -352,6 +385,7 @@ def extract_crops(
                     "mpp": slide.mpp,
                     "window": "[round(c) - size//2, round(c) - size//2 + size), white/0 padding",
                     "order": "spatial blocks; see index parquet column 'row'",
+                    "point_prompt": f"classical, crop window, nucleus diameter {PROMPT_DIAMETER} x size",
                 }
             })
 
@@ -369,6 +403,8 @@ def extract_crops(
         "t_cut": round(t_cut, 3),
         "t_write": round(t_write, 3),
         "blocks": len(segs),
+        "point_anchored": int(at_point.sum()),
+        **{f"mask_{k}": int((mask_code == i).sum()) for i, k in enumerate(MASK_SOURCES)},
         "zarr": str(out_zarr),
         "index": str(out_index),
     }

@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from ..io.slides import ZarrSlide
 from ..utils import atomic_path, provenance, write_json
 from .ensemble import export_qupath, fold_ensemble
@@ -28,12 +30,14 @@ def _as_list(x) -> list:
 
 
 def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mapping], classes: Sequence[str],
-           metric: str, config: Mapping) -> dict:
+           metric: str, config: Mapping, min_points_on_nuclei: float | None = None) -> dict:
     """Paper-shaped tables, figures, per-stage counts and QuPath GeoJSON of the classified test cells.
 
     The best configuration is chosen by its mean validation ``metric`` over folds; its fold models'
     test probabilities are averaged per cell (fold ensemble) for the confusion matrix and the
-    GeoJSON. ``config`` is recorded as provenance only.
+    GeoJSON. ``config`` is recorded as provenance only. Slides whose share of annotated points on a
+    segmented nucleus is below ``min_points_on_nuclei`` are flagged in the stage table and warned
+    about in the log and the Markdown, with advice.
     """
     classes = list(classes)
     folds = fold_table(experiments)
@@ -51,7 +55,12 @@ def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mappi
     cm = confusion_figure(ensemble["label_idx"], ensemble["pred"], classes, outputs["confusion"],
                           title=f"{best}: test, fold ensemble")
 
-    stages = stage_table(inputs)
+    stages = stage_table(inputs, min_points_on_nuclei=min_points_on_nuclei)
+    qc = stages.get("segmentation_qc", pd.Series(dtype=object))
+    qc_warnings = [f"{slide}: {msg}" for slide, msg in zip(stages["slide"], qc)
+                   if isinstance(msg, str) and msg not in ("", "ok")]
+    for w in qc_warnings:
+        log.warning("segmentation QC %s", w)
     with atomic_path(outputs["stages"]) as tmp:
         stages.to_csv(tmp, index=False)
 
@@ -84,6 +93,7 @@ def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mappi
         "",
         stages.to_markdown(index=False),
         "",
+        *([f"**Segmentation QC warning** - {w}" for w in qc_warnings] + [""] if qc_warnings else []),
     ]
     with atomic_path(outputs["md"]) as tmp:
         tmp.write_text("\n".join(md))
