@@ -31,6 +31,7 @@ rule pretrain:
         epochs=config["pretrain"]["epochs"],
         batch_size=config["pretrain"]["batch_size"],
         max_crops=config["pretrain"]["max_crops"],
+        method_settings=pretrain_method_settings,
         seed=config["seed"],
         devices=TRAIN_DEVICES,
     script:

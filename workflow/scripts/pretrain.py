@@ -18,6 +18,7 @@ with redirect_output(snakemake.log[0]):
         epochs=snakemake.params.epochs,
         batch_size=snakemake.params.batch_size,
         max_crops=snakemake.params.max_crops,
+        method_settings=snakemake.params.method_settings,
         seed=snakemake.params.seed,
         threads=snakemake.threads,
         devices=snakemake.params.devices,

@@ -1,4 +1,5 @@
-"""Self-supervised pretraining on unlabelled crops (seed 000: SimCLR, DINO, MAE).
+"""Self-supervised pretraining on unlabelled crops (seed 000: SimCLR, DINO, MAE; seed 002:
+autoencoder; seed 004: SimSiam, dense SimSiam).
 
 ``METHODS[name]`` is a :class:`MethodSpec` with the LightningModule class and a transform
 factory ``make_transform(img_size, **overrides)`` (lightly transforms for the crop size).
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import dino, mae, simclr
+from . import autoencoder, dino, mae, simclr, simsiam
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ METHODS: dict[str, MethodSpec] = {
     "simclr": MethodSpec("simclr", simclr.SimCLR, simclr.make_transform),
     "dino": MethodSpec("dino", dino.DINO, dino.make_transform),
     "mae": MethodSpec("mae", mae.MAE, mae.make_transform, vit_only=True),
+    "autoencoder": MethodSpec("autoencoder", autoencoder.Autoencoder, autoencoder.make_transform),
+    "simsiam": MethodSpec("simsiam", simsiam.SimSiam, simsiam.make_transform),
+    "dense_simsiam": MethodSpec("dense_simsiam", simsiam.DenseSimSiam, simsiam.make_transform),
 }
 
 

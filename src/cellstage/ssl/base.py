@@ -35,7 +35,9 @@ class SSLModule(L.LightningModule):
         self.lr_patience = int(lr_patience)
         self.history: list[dict] = []
         self._epoch_losses: list[torch.Tensor] = []
-        self.plateau = CheckpointedPlateau()
+        # the per-epoch learning-rate schedule the module steps itself and keeps in its checkpoint
+        # (a subclass may attach another one, e.g. CheckpointedMultiStep; unattached: constant lr)
+        self.lr_schedule = CheckpointedPlateau()
 
     # exported weights ---------------------------------------------------------------------
     def export_backbone(self) -> nn.Module:
@@ -56,20 +58,20 @@ class SSLModule(L.LightningModule):
             lr = float(self.optimizers().param_groups[0]["lr"])  # before this epoch's scheduler step
             self.history.append({"epoch": int(self.current_epoch) + 1, "loss": mean, "lr": lr})
         # Lightning's epoch mean of the logged loss (what its own scheduler step used to monitor)
-        self.plateau.step(self.trainer.callback_metrics.get("train_loss"))
+        self.lr_schedule.step(self.trainer.callback_metrics.get("train_loss"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cellstage_history"] = list(self.history)
-        self.plateau.save(checkpoint)
+        self.lr_schedule.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = list(checkpoint.get("cellstage_history", []))
-        self.plateau.load(checkpoint)
+        self.lr_schedule.load(checkpoint)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        self.plateau.attach(opt, mode="min", factor=self.lr_factor, patience=self.lr_patience)
+        self.lr_schedule.attach(opt, mode="min", factor=self.lr_factor, patience=self.lr_patience)
         return opt
 
 

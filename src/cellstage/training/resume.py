@@ -144,15 +144,18 @@ class CheckpointedPlateau:
     KEY = "cellstage_plateau"
 
     def __init__(self) -> None:
-        self.scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self._pending: dict | None = None
 
-    def attach(self, optimizer, **kwargs) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+    def attach(self, optimizer, **kwargs) -> torch.optim.lr_scheduler.LRScheduler:
+        self.scheduler = self._make(optimizer, **kwargs)
         if self._pending is not None:
             self.scheduler.load_state_dict(self._pending)
             self._pending = None
         return self.scheduler
+
+    def _make(self, optimizer, **kwargs):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
 
     def step(self, value) -> None:
         if self.scheduler is not None and value is not None:
@@ -170,6 +173,21 @@ class CheckpointedPlateau:
             self.scheduler.load_state_dict(state)
         else:
             self._pending = state
+
+
+class CheckpointedMultiStep(CheckpointedPlateau):
+    """``MultiStepLR`` (×``gamma`` at the given epochs) with the same interface as
+    :class:`CheckpointedPlateau`: ``attach(optimizer, milestones=..., gamma=...)``, ``step(value)``
+    once per epoch (the value is ignored), ``save`` / ``load`` through the checkpoint."""
+
+    KEY = "cellstage_multistep"
+
+    def _make(self, optimizer, **kwargs):
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, **kwargs)
+
+    def step(self, value=None) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
 
 
 # ------------------------------------------------------------------------ checkpoints
