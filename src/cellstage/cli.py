@@ -119,13 +119,17 @@ def segment(slide: Path, tubules: Path, out_labels: Path, model: Optional[Path] 
 @app.command()
 def cells(labels: Path, slide: Path, tubules: Path, out: Path, points: Optional[Path] = None,
           config: ConfigOpt = Path("config/config.yaml")):
-    """Cell table (morphology, distance to the tubule wall, annotated class)."""
+    """Cell table (morphology, distance to the tubule wall, annotated class; a row for every annotated
+    point that matched no nucleus); with points, the per-point list is written beside it
+    (``<out stem>.points.csv``) and the segmentation QC is logged."""
     from .cells import stage
 
     cfg = _config(config)
+    seg = cfg["segmentation"]
     _run(lambda: {"cells": len(stage.cells(labels, slide, tubules, points, out, slide_id=slide.name.split(".")[0],
-                                            classes=cfg["classes"],
-                                            match_radius_px=cfg["segmentation"]["match_radius_px"]))})
+                                            classes=cfg["classes"], match_radius_px=seg["match_radius_px"],
+                                            out_points=out.with_name(f"{out.stem}.points.csv") if points else None,
+                                            min_points_on_nuclei=seg["min_points_on_nuclei"]))})
 
 
 @app.command()
@@ -217,21 +221,32 @@ def finetune(
     backbone: str = "resnet18",
     background: bool = True,
     distance: bool = False,
+    init: str = "scratch",
     pretrained: Optional[Path] = None,
     config: ConfigOpt = Path("config/config.yaml"),
     threads: int = 1,
 ):
-    """One cross-validation fold: train on the other folds, evaluate on this fold and the test slides."""
+    """One cross-validation fold: train on the other folds, evaluate on this fold and the test slides.
+
+    ``--init`` picks the recipe (config finetune.recipe); ``--pretrained`` is the SSL backbone, or
+    for ``--init imagenet`` defaults to config finetune.imagenet_weights.<backbone>."""
     from .train import stage
 
     cfg = _config(config)
     if scan not in cfg["scans"]:
         raise CellstageError(f"--scan {scan!r} is not a key of config 'scans' ({sorted(cfg['scans'])})")
     f = cfg["finetune"]
+    if init not in f["recipe"]:
+        raise CellstageError(f"--init {init!r}: config finetune.recipe has no recipe for it ({sorted(f['recipe'])})")
+    if init == "imagenet" and pretrained is None:
+        pretrained = f["imagenet_weights"].get(backbone)
+        if not pretrained:
+            raise CellstageError(f"--init imagenet: set config finetune.imagenet_weights.{backbone} or --pretrained")
     _run(stage.finetune, train_zarr=list(train_zarr), train_index=list(train_index), test_zarr=list(test_zarr),
          test_index=list(test_index), pretrained=str(pretrained) if pretrained else None, out_dir=out_dir,
          fold=fold, backbone=backbone, img_size=cfg["scans"][scan]["crop_size"], background=background,
-         distance=distance, n_folds=f["n_folds"], epochs=f["epochs"], batch_size=f["batch_size"], lr=f["lr"],
+         distance=distance, n_folds=f["n_folds"], init=init, recipe=f["recipe"][init],
+         recipe_settings=f["recipes"][f["recipe"][init]], batch_size=f["batch_size"],
          group_by=f["group_by"], classes=cfg["classes"], static_classes=cfg["static_classes"], seed=cfg["seed"],
          threads=threads, devices=1)
 

@@ -293,9 +293,9 @@ def test_ml_env_trains_grades_pretrains_and_finetunes(tiny, tmp_path):
         crops = dict(train_zarr=[d + "/crops.zarr"], train_index=[d + "/crops.parquet"], test_zarr=[d + "/crops.zarr"],
                      test_index=[d + "/crops.parquet"])
         finetune(**crops, pretrained=t + "/pretrain/backbone.safetensors", out_dir=t + "/finetune", fold=0,
-                 backbone="resnet18", img_size=32, background=True, distance=False, n_folds=2, epochs=1,
-                 batch_size=4, lr=1e-3, group_by=None, classes={CLASSES!r}, static_classes=[], seed=0, threads=1,
-                 devices=1)
+                 backbone="resnet18", img_size=32, background=True, distance=False, n_folds=2, init="simclr",
+                 recipe="pretrained", recipe_settings={{"epochs": 2}}, batch_size=4, group_by=None,
+                 classes={CLASSES!r}, static_classes=[], seed=0, threads=1, devices=1)
     """, tmp_path)
     assert (tmp_path / "pretrain/backbone.safetensors").stat().st_size > 0
     assert json.loads((tmp_path / "finetune/metrics.json").read_text())

@@ -43,7 +43,7 @@ SLURM_OVERRIDES = _merge(
         "pretrain": {"epochs": 1, "batch_size": 64},
         "finetune": {
             "n_folds": 2,
-            "epochs": 1,
+            "recipes": {"baseline": {"epochs": 1}, "pretrained": {"epochs": 1}},
             "batch_size": 64,
             "grid": {"scan": ["40x"], "background": [True], "backbone": ["resnet18"],
                      "init": ["scratch", "simclr"], "distance": [False]},

@@ -23,7 +23,7 @@ TINY_OVERRIDES = {
     "pretrain": {"epochs": 2, "batch_size": 64},
     "finetune": {
         "n_folds": 3,
-        "epochs": 3,
+        "recipes": {"baseline": {"epochs": 3}, "pretrained": {"epochs": 3}},
         "batch_size": 64,
         "grid": {"scan": ["40x", "20x"], "background": [True], "backbone": ["resnet18"],
                  "init": ["scratch", "simclr"], "distance": [False]},

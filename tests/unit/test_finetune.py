@@ -101,7 +101,8 @@ def sources(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-FAST = dict(n_folds=2, backbone="resnet18", epochs=2, batch_size=32, progress=False, accelerator="cpu")
+FAST = dict(n_folds=2, backbone="resnet18", recipe={"name": "baseline", "epochs": 2}, batch_size=32, progress=False,
+            accelerator="cpu")
 
 
 # ------------------------------------------------------------------ folds / data
@@ -214,7 +215,8 @@ def test_run_fold_outputs_and_determinism(sources, tmp_path):
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     assert (probs.argmax(1) == pa["pred"]).all()
     h = pd.read_csv(outs[0] / "history.csv")
-    assert list(h.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "lr"]
+    assert list(h.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "lr", "backbone_lr",
+                               "head_lr"]
     assert len(h) == 2 and h["val_loss"].notna().all()
     assert not (outs[0] / "checkpoints").exists()
 
@@ -291,8 +293,8 @@ def test_run_fold_input_errors(sources, tmp_path):
 
 # ------------------------------------------------------------------- kill and resume
 # 4 epochs, a plateau scheduler that reacts at once, threads fixed: the child and this process agree
-KILL = dict(n_folds=2, backbone="resnet18", epochs=4, batch_size=16, lr_patience=0, progress=False,
-            accelerator="cpu", num_threads=1)
+KILL = dict(n_folds=2, backbone="resnet18", recipe={"name": "baseline", "epochs": 4, "plateau_patience": 0},
+            batch_size=16, progress=False, accelerator="cpu", num_threads=1)
 
 
 def test_finetune_killed_after_epoch_1_resumes_to_identical_weights(sources, tmp_path, monkeypatch):
@@ -335,7 +337,7 @@ def test_finetune_ignores_a_checkpoint_written_with_other_arguments(sources, tmp
     (out / "checkpoints" / "last.ckpt").write_bytes(b"would fail to load")
     (out / "checkpoints" / "last.json").write_text(json.dumps({"hash": "0" * 16, "epochs_done": 1}))
     with caplog.at_level("WARNING", logger="cellstage.train"):
-        m = run_fold(*sources, out, fold=0, **{**FAST, "epochs": 1})
+        m = run_fold(*sources, out, fold=0, **{**FAST, "recipe": {"name": "baseline", "epochs": 1}})
     assert not m["resumed"] and m["epochs"] == 1
     assert "written with other arguments" in caplog.text
     assert not (out / "checkpoints").exists()

@@ -170,7 +170,8 @@ def _tiny_trainer_runs(tmp_path, devices):
     train = [make_crop_source(d, "s1_20x", n_per_class=4, seed=1)]
     common = dict(epochs=2, progress=False, accelerator="cpu", devices=devices)
     yield "finetune", lambda: run_fold(train, [], tmp_path / "ft" / "fold0", fold=0, n_folds=2, batch_size=16,
-                                       **common)
+                                       recipe={"name": "baseline", "epochs": 2}, progress=False,
+                                       accelerator="cpu", devices=devices)
     src = write_crop_source(d, n=16)
     yield "pretrain", lambda: pretrain("simclr", "resnet18", [src], tmp_path / "ssl", img_size=40, batch_size=8,
                                        **common)
@@ -278,9 +279,9 @@ def test_stages_pass_devices_to_the_trainers(tmp_path, monkeypatch):
                         lambda s, x, y, size: np.zeros((len(x), size, size, 3), np.uint8))
 
     finetune(train_zarr=[], train_index=[], test_zarr=[], test_index=[], pretrained=None, out_dir=tmp_path / "f",
-             fold=0, backbone="resnet18", img_size=40, background=True, distance=False, n_folds=5, epochs=3,
-             batch_size=8, lr=1e-3, group_by=None, classes=["A", "B"], static_classes=["A"], seed=0, threads=None,
-             devices=3)
+             fold=0, backbone="resnet18", img_size=40, background=True, distance=False, n_folds=5, init="scratch",
+             recipe="baseline", recipe_settings={"epochs": 3, "lr": 1e-3}, batch_size=8, group_by=None,
+             classes=["A", "B"], static_classes=["A"], seed=0, threads=None, devices=3)
     pretrain([], [], [], tmp_path / "p", method="simclr", backbone="vit-with-dash", img_size=40, variant="images",
              epochs=2, batch_size=8, max_crops=None, seed=0, threads=None, devices=3)
     grades = tmp_path / "g.csv"
@@ -290,6 +291,7 @@ def test_stages_pass_devices_to_the_trainers(tmp_path, monkeypatch):
     assert seen["finetune"][1]["devices"] == seen["pretrain"][1]["devices"] == seen["grader"][1]["devices"] == 3
     # names are passed through, never split: a backbone with "-" reaches the trainer whole
     assert seen["pretrain"][0][:2] == ("simclr", "vit-with-dash")
-    assert seen["grader"][1]["epochs"] == 8 and seen["finetune"][1]["epochs"] == 3
+    assert seen["grader"][1]["epochs"] == 8 and seen["finetune"][1]["recipe"] == {"name": "baseline", "epochs": 3,
+                                                                                "lr": 1e-3}
     # the grader's checkpoint is kept outside its directory() output, which Snakemake deletes on failure
     assert seen["grader"][1]["checkpoint_dir"] == tmp_path / "grader.checkpoints"

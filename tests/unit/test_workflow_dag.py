@@ -1,8 +1,9 @@
 """The workflow's DAG, built by Snakemake itself on the tiny demo sheet (dry runs only, ~1 min).
 
 * An edit of one config value reruns only the rules that use it (rules get single values as params,
-  never whole sections): ``report.metric`` reruns only ``report``; ``finetune.epochs`` reruns the
-  fine-tuning folds and the report, nothing upstream.
+  never whole sections): ``report.metric`` reruns only ``report``; a recipe's epochs
+  (``finetune.recipes.<recipe>.epochs``) rerun the folds of the inits that use that recipe and the
+  report, nothing upstream.
 * Registration runs once per moving slide, so a section with a third scan registers each of them.
 * Each wildcard field is its own path part, so a timm backbone name with ``-`` and ``.`` works.
 
@@ -125,14 +126,17 @@ def test_an_edit_reruns_only_the_rules_that_use_it(tmp_path, demo):
     write_config(work, edited)
     assert job_counts(snakemake(work, "-n")) == Counter({"report": 1, "all": 1})
 
-    edited = copy.deepcopy(config)
-    edited["finetune"]["epochs"] = config["finetune"]["epochs"] + 1
-    write_config(work, edited)
-    counts = job_counts(snakemake(work, "-n"))
-    n_experiments = 1
-    for values in config["finetune"]["grid"].values():
-        n_experiments *= len(values)
-    assert counts == Counter({"finetune": n_experiments * config["finetune"]["n_folds"], "report": 1, "all": 1})
+    grid = config["finetune"]["grid"]
+    for recipe in ("baseline", "pretrained"):
+        edited = copy.deepcopy(config)
+        edited["finetune"]["recipes"][recipe]["epochs"] += 1
+        write_config(work, edited)
+        counts = job_counts(snakemake(work, "-n"))
+        n_experiments = sum(config["finetune"]["recipe"][init] == recipe for init in grid["init"])
+        for key, values in grid.items():
+            n_experiments *= 1 if key == "init" else len(values)
+        assert n_experiments > 0  # the demo grid mixes both recipes
+        assert counts == Counter({"finetune": n_experiments * config["finetune"]["n_folds"], "report": 1, "all": 1})
 
 
 def test_every_moving_scan_of_a_section_registers_on_its_own(tmp_path, demo):
@@ -179,3 +183,24 @@ def test_a_backbone_name_with_dashes_and_dots_is_its_own_path_part(tmp_path, dem
     assert len(metrics) == counts["finetune"] == 4 * config["finetune"]["n_folds"]
     assert f"results/finetune/40x/bg/{backbone}/simclr/nodist/fold0/metrics.json" in metrics
     assert f"results/finetune/40x/bg/{backbone}/scratch/nodist/fold0/metrics.json" in metrics
+
+
+def test_imagenet_init_reads_the_configured_weights_and_needs_no_pretraining(tmp_path, demo):
+    config = base_config()
+    config["finetune"]["grid"]["init"] = ["scratch", "imagenet", "simclr"]
+    work = workdir(tmp_path, demo, config)
+    with pytest.raises(AssertionError, match="finetune.imagenet_weights.resnet18"):
+        snakemake(work, "-n")
+
+    weights = work / "resnet18.safetensors"
+    weights.write_bytes(b"")  # only its path matters to the DAG
+    config["finetune"]["imagenet_weights"] = {"resnet18": "resnet18.safetensors"}
+    write_config(work, config)
+    out = snakemake(work, "-n")
+    counts = job_counts(out)
+    assert counts["pretrain"] == 1  # simclr only
+    assert counts["finetune"] == 3 * config["finetune"]["n_folds"]
+    blocks = [b for b in re.split(r"\n(?=rule )", out) if b.startswith("rule finetune:")]
+    imagenet = [b for b in blocks if "/resnet18/imagenet/" in b]
+    assert len(imagenet) == config["finetune"]["n_folds"]
+    assert all("resnet18.safetensors" in re.search(r"^    input: (.*)$", b, re.M)[1] for b in imagenet)

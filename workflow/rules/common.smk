@@ -79,6 +79,17 @@ def _ref_slide_of(section):
 #   results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/,
 # and its display name `{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}` is only ever built here,
 # never split back into its fields (a timm backbone name may itself contain '-' or '.').
+def _check_imagenet_weights(backbone):
+    weights = config["finetune"]["imagenet_weights"].get(backbone)
+    if not weights:
+        raise ValueError(
+            f"config finetune.imagenet_weights.{backbone}: init 'imagenet' needs a local timm weights file "
+            "for this backbone (nothing is downloaded)"
+        )
+    if not Path(weights).is_file():
+        raise ValueError(f"config finetune.imagenet_weights.{backbone}: {weights} does not exist")
+
+
 def _experiments():
     grid = config["finetune"]["grid"]  # every key filled from the schema defaults by validate()
     out = {}
@@ -94,15 +105,23 @@ def _experiments():
             )
         if init == "mae" and not backbone.startswith(("vit", "deit")):
             raise ValueError(f"config finetune.grid: init 'mae' needs a ViT backbone, not {backbone!r}")
+        if init not in config["finetune"]["recipe"]:
+            raise ValueError(f"config finetune.recipe.{init}: no recipe (baseline or pretrained) for init {init!r}")
+        if init == "imagenet":
+            _check_imagenet_weights(backbone)
         name = f"{scan}-{'bg' if bg else 'nobg'}-{backbone}-{init}-{'dist' if dist else 'nodist'}"
-        out[name] = dict(scan=scan, background=bg, backbone=backbone, init=init, distance=dist)
+        recipe = config["finetune"]["recipe"][init]  # a column of the report's tables
+        out[name] = dict(scan=scan, background=bg, backbone=backbone, init=init, distance=dist, recipe=recipe)
     return out
 
 
 EXPERIMENTS = _experiments()
 FOLDS = list(range(config["finetune"]["n_folds"]))
 # (method, backbone, scan) of every self-supervised pretraining a fine-tuning starts from
-PRETRAIN_RUNS = sorted({(e["init"], e["backbone"], e["scan"]) for e in EXPERIMENTS.values() if e["init"] != "scratch"})
+NOT_PRETRAINED_HERE = ("scratch", "imagenet")  # inits that need no rule pretrain
+PRETRAIN_RUNS = sorted(
+    {(e["init"], e["backbone"], e["scan"]) for e in EXPERIMENTS.values() if e["init"] not in NOT_PRETRAINED_HERE}
+)
 
 
 def finetune_dir(exp):
@@ -111,6 +130,11 @@ def finetune_dir(exp):
         f"results/finetune/{exp['scan']}/{'bg' if exp['background'] else 'nobg'}/{exp['backbone']}/"
         f"{exp['init']}/{'dist' if exp['distance'] else 'nodist'}"
     )
+
+
+def pretrain_method_settings(wildcards):
+    """The method's own settings (config pretrain.methods.<method>; {} for a method without)."""
+    return dict(config["pretrain"]["methods"].get(wildcards.method, {}))
 
 
 def pretrain_file(method, backbone, scan, name):
@@ -244,9 +268,21 @@ def finetune_inputs(wildcards):
         "test_zarr": test["zarr"],
         "test_index": test["index"],
     }
-    if wildcards.init != "scratch":
+    if wildcards.init == "imagenet":
+        inputs["pretrained"] = config["finetune"]["imagenet_weights"][wildcards.backbone]
+    elif wildcards.init != "scratch":
         inputs["pretrained"] = pretrain_file(wildcards.init, wildcards.backbone, wildcards.scan, "backbone.safetensors")
     return inputs
+
+
+def recipe_name(wildcards):
+    """Param: the recipe (baseline, pretrained) of the {init} wildcard (config finetune.recipe)."""
+    return config["finetune"]["recipe"][wildcards.init]
+
+
+def recipe_settings(wildcards):
+    """Param: that recipe's numbers (config finetune.recipes.<recipe>), nothing else."""
+    return dict(config["finetune"]["recipes"][recipe_name(wildcards)])
 
 
 def fold_files(exp, name):
@@ -320,6 +356,7 @@ def report_inputs(wildcards):
         "slides": expand("results/slides/{slide}.ome.zarr", slide=SLIDES),
         "registration": expand("results/registration/{mov_slide}.json", mov_slide=MOV_SLIDES),
         "cells": expand("results/cells/{slide}.parquet", slide=SLIDES),
+        "points": expand("results/cells/{ref_slide}.points.csv", ref_slide=REF_SLIDES),
         "crops": expand("results/crops/{slide}.parquet", slide=SLIDES),
         "pretrain": [pretrain_file(*run, "history.csv") for run in PRETRAIN_RUNS],
         "grading": expand("results/grading/{slide}.parquet", slide=graded_ref_slides()),

@@ -3,6 +3,7 @@
 The Lightning layer underneath (fit, resume, data, transforms, backbones) is :mod:`cellstage.training`.
 """
 
-from .cv import aggregate_folds, default_lr, make_folds, run_fold
+from .cv import aggregate_folds, make_folds, run_fold
+from .recipes import RECIPES, Baseline, Pretrained, as_recipe
 
-__all__ = ["aggregate_folds", "default_lr", "make_folds", "run_fold"]
+__all__ = ["RECIPES", "Baseline", "Pretrained", "aggregate_folds", "as_recipe", "make_folds", "run_fold"]

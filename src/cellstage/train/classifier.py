@@ -3,8 +3,16 @@
 Seed 000 §3.2/§4.2: the embedding is optionally concatenated with the compactness-normalised
 distance to the tubule wall, then classified into the configured classes. Distance
 augmentation: during training each distance is replaced by -0.5 (the "unknown" value, also
-used for missing distances) with probability ``distance_dropout_p``. AdamW, ReduceLROnPlateau
-(factor 0.5, patience 10) on the validation loss.
+used for missing distances) with probability ``distance_dropout_p``.
+
+Optimiser: AdamW with two parameter groups, ``backbone`` and ``head``, whose learning rates
+follow the module's recipe (:mod:`cellstage.train.recipes`): ``baseline`` (§4.2, one rate,
+ReduceLROnPlateau 0.5 / 10 on the validation loss) or ``pretrained`` (§4.3, backbone frozen for
+the first epoch, then its own per-epoch rate; constant head rate). At the start of every training
+epoch the module freezes or unfreezes the backbone and, for a per-epoch recipe, sets each group's
+rate from the epoch number alone. A frozen backbone is in eval mode (BatchNorm statistics kept)
+and its gradients are dropped before the optimiser step (no update, no AdamW state, no weight
+decay); they are still computed, so DDP sees every parameter used.
 
 The plateau scheduler is stepped by the module at the end of each validation epoch (with
 Lightning's epoch-mean ``val_loss``) and its state travels in the checkpoint
@@ -15,6 +23,7 @@ exactly when an uninterrupted run does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -26,27 +35,33 @@ from ..training.backbones import create_backbone, feature_dim, load_weights
 from ..training.data import UNKNOWN_DISTANCE
 from ..training.resume import CheckpointedPlateau
 from ..utils import CellstageError
+from .recipes import Recipe, as_recipe
 
 __all__ = ["CellClassifier", "UNKNOWN_DISTANCE", "load_pretrained"]
 
 
-def load_pretrained(backbone: nn.Module, path: str | Path, backbone_name: str) -> None:
-    """Load a safetensors backbone state dict, with an error that says what to fix."""
+def load_pretrained(backbone: nn.Module, path: str | Path, backbone_name: str, *, key: str = "pretrained_path") -> None:
+    """Load a backbone's or a whole timm model's weights (safetensors or tensors-only .pth).
+
+    ``key`` names where the path came from (a config key) in the error that says what to fix.
+    """
     p = Path(path)
     if not p.is_file():
         raise CellstageError(
-            f"pretrained_path: {p} does not exist (expected a safetensors backbone state dict, "
-            f"e.g. results/pretrain/<method>/{backbone_name}/<scan>/backbone.safetensors)"
+            f"{key}: {p} does not exist (expected a safetensors backbone state dict, e.g. "
+            f"results/pretrain/<method>/{backbone_name}/<scan>/backbone.safetensors, or timm weights "
+            f"of {backbone_name!r})"
         )
     try:
         load_weights(backbone, p, strict=True)
     except ValueError as e:
         raise CellstageError(
-            f"pretrained_path: {p} does not fit backbone {backbone_name!r} "
-            f"(was it pretrained with another backbone or image size?): {e}"
+            f"{key}: {p} does not fit backbone {backbone_name!r} "
+            f"(weights of another backbone, or another image / patch size?): {e}"
         ) from e
-    except Exception as e:  # corrupt / not a safetensors file
-        raise CellstageError(f"pretrained_path: {p} is not a readable safetensors file: {e}") from e
+    except Exception as e:  # corrupt / not a safetensors file / a pickle with more than tensors
+        kind = "safetensors" if p.suffix not in (".pth", ".pt", ".bin") else "tensors-only torch"
+        raise CellstageError(f"{key}: {p} is not a readable {kind} file: {e}") from e
 
 
 class CellClassifier(L.LightningModule):
@@ -57,20 +72,20 @@ class CellClassifier(L.LightningModule):
         img_size: int = 80,
         use_distance: bool = False,
         pretrained_path: str | None = None,
-        lr: float = 1e-3,
+        pretrained_key: str = "pretrained_path",
+        recipe: Recipe | Mapping | str = "baseline",
         weight_decay: float = 0.01,
-        max_epochs: int = 100,
-        lr_patience: int = 10,
-        lr_factor: float = 0.5,
         distance_dropout_p: float = 0.1,
     ) -> None:
         super().__init__()
         if pretrained_path is not None:
             pretrained_path = str(pretrained_path)
+        self.recipe = as_recipe(recipe)
+        recipe = self.recipe.to_dict()  # plain values in the checkpoint's hyperparameters
         self.save_hyperparameters()
         self.backbone = create_backbone(backbone_name, img_size=img_size)
         if pretrained_path is not None:
-            load_pretrained(self.backbone, pretrained_path, backbone_name)
+            load_pretrained(self.backbone, pretrained_path, backbone_name, key=pretrained_key)
         self.feat_dim = feature_dim(self.backbone)
         self.head = nn.Linear(self.feat_dim + (1 if use_distance else 0), n_classes)
         self.plateau = CheckpointedPlateau()
@@ -121,11 +136,34 @@ class CellClassifier(L.LightningModule):
         return torch.softmax(self(x, d), dim=1)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        # stepped in on_validation_epoch_end, not by Lightning (see the module docstring)
-        self.plateau.attach(opt, mode="min", factor=hp.lr_factor, patience=hp.lr_patience)
+        hp, recipe = self.hparams, self.recipe
+        lr = recipe.initial_lr(hp.backbone_name)
+        groups = [
+            {"name": "backbone", "params": list(self.backbone.parameters()), "lr": lr},
+            {"name": "head", "params": list(self.head.parameters()), "lr": lr},
+        ]
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
+        if recipe.uses_plateau():
+            # stepped in on_validation_epoch_end, not by Lightning (see the module docstring)
+            self.plateau.attach(opt, mode="min", factor=recipe.plateau_factor, patience=recipe.plateau_patience)
         return opt
+
+    def backbone_frozen(self) -> bool:
+        return self.recipe.frozen(int(self.current_epoch))
+
+    def on_train_epoch_start(self) -> None:
+        epoch = int(self.current_epoch)
+        self.backbone.train(not self.recipe.frozen(epoch))
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                lr = self.recipe.lr_at(group["name"], epoch, self.hparams.backbone_name)
+                if lr is not None:
+                    group["lr"] = lr
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.backbone_frozen():
+            for p in self.backbone.parameters():
+                p.grad = None  # AdamW skips parameters without a gradient
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

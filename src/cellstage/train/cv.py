@@ -6,7 +6,8 @@ evaluates them on the validation fold and on the separate test slides. Outputs i
 
 * ``predictions.parquet`` — split, cell_id, slide, row, label_idx, label, pred, pred_label,
   ``prob_<class>`` per class;
-* ``history.csv`` — epoch, train_loss, train_acc, val_loss, val_top1, lr (lr used in that epoch);
+* ``history.csv`` — epoch, train_loss, train_acc, val_loss, val_top1, lr, backbone_lr, head_lr (the
+  rates used in that epoch; ``lr`` = the backbone's, 0 while it is frozen);
 * ``metrics.json`` — written last (a finished fold is one with metrics.json):
   ``{"val", "test", "fold", "epochs", "best_epoch", "best_val_loss", "seconds",
   "normalisation", "config", "provenance"}``; undefined metrics (NaN) are written as null.
@@ -21,9 +22,14 @@ continues from the last finished epoch
 fold starts afresh. The checkpoint folder is deleted just before metrics.json is written. A
 resumed run is bit-identical to an uninterrupted one on CPU with ``num_workers=0`` (verified by
 tests/unit/test_finetune.py::test_finetune_killed_after_epoch_1_resumes_to_identical_weights:
-SIGKILL after epoch 1 of 4, same weights, predictions and history): the training order is a
-function of (seed, epoch), the RNGs are reseeded from (seed, epoch) at every epoch start, and the
-plateau scheduler is stepped by the module and stored in the checkpoint.
+SIGKILL after epoch 1 of 4, same weights, predictions and history, for both recipes): the training
+order is a function of (seed, epoch), the RNGs are reseeded from (seed, epoch) at every epoch
+start, the plateau scheduler is stepped by the module and stored in the checkpoint, and the
+pretrained recipe's rates and freezing are functions of the epoch alone.
+
+Recipes (:mod:`cellstage.train.recipes`): ``recipe`` gives the epochs, the learning rate of each
+parameter group per epoch and the frozen epochs — ``baseline`` (seed 000 §4.2, ViT-S/B at 1e-4)
+or ``pretrained`` (§4.3).
 
 Determinism: ``lightning.seed_everything(seed, workers=True)`` and ``Trainer(deterministic=True)``
 on CPU give identical results for identical arguments (``num_workers`` is part of the
@@ -54,18 +60,13 @@ from ..metrics import compute_metrics
 from ..taxonomy import Taxonomy
 from ..training.folds import make_folds
 from ..utils import CellstageError, atomic_path, provenance, write_json
+from .recipes import Recipe, as_recipe
 
-__all__ = ["METRIC_KEYS", "aggregate_folds", "default_lr", "make_folds", "run_fold"]
+__all__ = ["METRIC_KEYS", "aggregate_folds", "make_folds", "run_fold"]
 
 log = logging.getLogger("cellstage.train")
 
 METRIC_KEYS = ("top1", "top2", "adj1", "adj1_dyn")
-
-
-def default_lr(backbone: str) -> float:
-    """Seed 000: 1e-3, but 1e-4 for ViT-S and ViT-B."""
-    b = backbone.lower()
-    return 1e-4 if any(s in b for s in ("vit_small", "vit_base", "deit_small", "deit_base")) else 1e-3
 
 
 # ------------------------------------------------------------------------ helpers
@@ -106,12 +107,10 @@ def run_fold(
     variant: str = "images",
     use_distance: bool = False,
     pretrained_path: str | os.PathLike | None = None,
-    epochs: int = 100,
+    pretrained_key: str = "pretrained_path",
+    recipe: Recipe | Mapping | str = "baseline",
     batch_size: int = 128,
-    lr: float = 1e-3,
     weight_decay: float = 0.01,
-    lr_patience: int = 10,
-    lr_factor: float = 0.5,
     distance_dropout_p: float = 0.1,
     group_col: str | None = None,
     seed: int = 0,
@@ -125,7 +124,10 @@ def run_fold(
 ) -> dict:
     """Train and evaluate fold ``fold``; write predictions, history and metrics.json into ``out_dir``.
 
-    ``img_size`` defaults to the crop size (a given value must equal it). Returns the
+    ``img_size`` defaults to the crop size (a given value must equal it). ``recipe``: a
+    :mod:`~cellstage.train.recipes` recipe, its name, or ``{"name": ..., <setting>: value}``.
+    ``pretrained_path``: a backbone (SSL) or whole timm model (ImageNet) weights file;
+    ``pretrained_key`` names its origin (a config key) in errors. Returns the
     metrics.json content (with NaN instead of null). ``checkpoint_every``: write the resume
     checkpoint every that many epochs (0: never; ~0.35 s and 180 MB for resnet18).
     ``num_threads``: ``torch.set_num_threads`` for this process (e.g. Snakemake's ``{threads}``);
@@ -149,9 +151,9 @@ def run_fold(
     if pretrained_path is not None:
         pretrained_path = str(pretrained_path)
         if not Path(pretrained_path).is_file():
-            raise CellstageError(f"pretrained_path: {pretrained_path} does not exist")
-    if epochs < 1:
-        raise CellstageError(f"epochs must be >= 1, got {epochs}")
+            raise CellstageError(f"{pretrained_key}: {pretrained_path} does not exist")
+    recipe = as_recipe(recipe)
+    epochs = recipe.epochs
 
     config = {
         "train_sources": [list(s) for s in train_sources],
@@ -165,12 +167,10 @@ def run_fold(
         "variant": variant,
         "use_distance": bool(use_distance),
         "pretrained_path": pretrained_path,
+        "recipe": recipe.to_dict(),
         "epochs": int(epochs),
         "batch_size": int(batch_size),
-        "lr": float(lr),
         "weight_decay": float(weight_decay),
-        "lr_patience": int(lr_patience),
-        "lr_factor": float(lr_factor),
         "distance_dropout_p": float(distance_dropout_p),
         "group_col": group_col,
         "seed": int(seed),
@@ -218,11 +218,9 @@ def run_fold(
         img_size=img_size,
         use_distance=use_distance,
         pretrained_path=pretrained_path,
-        lr=lr,
+        pretrained_key=pretrained_key,
+        recipe=recipe,
         weight_decay=weight_decay,
-        max_epochs=epochs,
-        lr_patience=lr_patience,
-        lr_factor=lr_factor,
         distance_dropout_p=distance_dropout_p,
     )
 

@@ -15,14 +15,17 @@ from ..utils import set_torch_threads
 
 def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index: list, pretrained: str | None,
              out_dir: str | os.PathLike, fold: int, backbone: str, img_size: int, background: bool, distance: bool,
-             n_folds: int, epochs: int, batch_size: int, lr: float, group_by: str | None, classes: list[str],
-             static_classes: list[str], seed: int, threads: int | None, devices: int) -> dict:
+             n_folds: int, init: str, recipe: str, recipe_settings: dict, batch_size: int, group_by: str | None,
+             classes: list[str], static_classes: list[str], seed: int, threads: int | None, devices: int) -> dict:
     """Train on all folds but ``fold`` of the train crops, evaluate on ``fold`` and the test crops.
 
     ``background`` False trains on the masked crops (background removed); ``distance`` adds the
-    normalised distance to the tubule wall as an input; ``pretrained`` is an SSL backbone
-    (``backbone.safetensors``) or None (random init). ``devices`` > 1: DDP; resumes from
-    ``out_dir/checkpoints/last.ckpt``.
+    normalised distance to the tubule wall as an input; ``init`` is ``scratch`` (``pretrained``
+    None), ``imagenet`` (``pretrained`` = config ``finetune.imagenet_weights.<backbone>``, timm
+    weights) or an SSL method (``pretrained`` = its ``backbone.safetensors``). ``recipe``
+    (baseline / pretrained) and ``recipe_settings`` (its numbers, config ``finetune.recipes.<recipe>``)
+    give the epochs and learning rates (:mod:`cellstage.train.recipes`). ``devices`` > 1: DDP;
+    resumes from ``out_dir/checkpoints/last.ckpt``.
     """
     from .cv import run_fold
 
@@ -39,9 +42,10 @@ def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index
         variant="images" if background else "masked",
         use_distance=bool(distance),
         pretrained_path=pretrained,
-        epochs=int(epochs),
+        pretrained_key=(f"config finetune.imagenet_weights.{backbone}" if init == "imagenet"
+                        else f"pretrained backbone of init {init!r}"),
+        recipe={"name": recipe, **recipe_settings},
         batch_size=int(batch_size),
-        lr=float(lr),
         group_col=group_by,
         seed=int(seed),
         devices=int(devices),

@@ -11,19 +11,35 @@ import math
 
 import lightning as L
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "lr")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "lr", "backbone_lr", "head_lr")
 
 
 class History(L.Callback):
-    """Per-epoch row of losses, accuracy and the learning rate used in that epoch."""
+    """Per-epoch row of losses, accuracy and the learning rates used in that epoch.
+
+    ``lr`` is the first parameter group's rate; ``<name>_lr`` that of each named group (the
+    fine-tuning classifier's ``backbone`` and ``head``; NaN for a group the optimiser lacks). The
+    rates are read when the epoch's first batch starts: after every ``on_train_epoch_start`` hook
+    (where a recipe sets them) and before the module steps its plateau scheduler at validation end.
+    """
+
+    GROUPS = ("backbone", "head")
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
-        self._lr = math.nan
+        self._lrs: dict = {}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        # read before the epoch: the module steps its plateau scheduler at validation end
-        self._lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
+        self._lrs = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._lrs or not trainer.optimizers:
+            return
+        groups = trainer.optimizers[0].param_groups
+        self._lrs = {"lr": float(groups[0]["lr"])}
+        for g in groups:
+            if g.get("name") in self.GROUPS:
+                self._lrs[f"{g['name']}_lr"] = float(g["lr"])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         m = trainer.callback_metrics
@@ -38,7 +54,7 @@ class History(L.Callback):
             "train_acc": f("train_acc"),
             "val_loss": f("val_loss"),
             "val_top1": f("val_acc"),
-            "lr": self._lr,
+            **{k: self._lrs.get(k, math.nan) for k in ("lr", *(f"{g}_lr" for g in self.GROUPS))},
         }
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
 
