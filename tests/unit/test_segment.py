@@ -380,3 +380,34 @@ def test_tile_windows_are_clipped_to_the_slide():
     for x, y, w, h in windows:
         assert x >= 0 and y >= 0 and x + w <= 420 and y + h <= 300
     assert (0, 0, 160, 160) in windows and any(x + w == 420 for x, _, w, _ in windows)
+
+
+def test_finetune_from_model_file_reports_ap_before_and_after(tmp_path, cellpose_model):
+    """Issue 14 item 3: training starts from an existing Cellpose model given by path (a model
+    the test suite trained and saved itself: the ``cellpose_model`` fixture), and the segmenter
+    report carries the starting model's AP@0.5 and the fine-tuned one's, on the same tiles."""
+    import torch
+    from skimage.segmentation import clear_border
+
+    from cellstage.segment import train_segmenter
+    from cellstage.segment.stage import ap_frame
+
+    torch.set_num_threads(2)
+    pairs = [synthetic_nuclei((256, 256), seed=40 + i) for i in range(2)]
+    res = train_segmenter([p[0] for p in pairs], [p[1] for p in pairs], tmp_path / "m",
+                          pretrained=cellpose_model, epochs=1, bsize=64, nimg_per_epoch=8, seed=0)
+    assert res["pretrained"] == cellpose_model and res["init"] == f"pretrained file {cellpose_model}"
+    [(k, y0, x0)] = res["eval_tile_origins"]
+    interior = len(np.unique(clear_border(pairs[k][1][y0:y0 + 256, x0:x0 + 256]))) - 1
+    # before and after are scored on the same held-out nuclei
+    assert res["ap50_before_tp"] + res["ap50_before_fn"] == res["ap50_tp"] + res["ap50_fn"] == interior > 5
+    tp, fp, fn = res["ap50_before_tp"], res["ap50_before_fp"], res["ap50_before_fn"]
+    assert res["ap50_before"] == tp / (tp + fp + fn)
+    assert tp > 0  # the starting model is a trained model: it finds nuclei before fine-tuning
+    table = ap_frame(res)
+    assert list(table["model"]) == ["starting model", "fine-tuned"]
+    assert table["ap50"].tolist() == [round(res["ap50_before"], 4), round(res["ap50"], 4)]
+    assert (table["n_tiles"] == 1).all() and table.loc[0, "source"] == cellpose_model
+    # from scratch there is no starting model to score
+    scratch = ap_frame({k: v for k, v in res.items() if not k.startswith(("ap50_before", "diameter_before"))})
+    assert list(scratch["model"]) == ["trained"]

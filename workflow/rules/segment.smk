@@ -5,6 +5,7 @@ rule train_segmenter:
     output:
         model="results/segmenter/model",
         metrics="results/segmenter/model.json",
+        ap=report("results/segmenter/ap.csv", caption="../report/segmenter.rst", category="Segmentation"),
     log:
         "results/logs/train_segmenter.log",
     benchmark:

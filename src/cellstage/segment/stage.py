@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..io.annotations import check_inside, read_polygons
 from ..io.labels import create_labels
@@ -28,7 +30,8 @@ def _read_level0(slide) -> np.ndarray:
 
 def train_segmenter(slide_paths, mask_paths, out_model, *, pretrained: str | None, diameter: float | None,
                     epochs: int, learning_rate: float, batch_size: int, bsize: int, diam_mean: float,
-                    nimg_per_epoch: int | None, eval_tiles: int | None, seed: int, threads: int) -> dict:
+                    nimg_per_epoch: int | None, eval_tiles: int | None, seed: int, threads: int,
+                    ap_table: str | os.PathLike | None = None) -> dict:
     """Cellpose trained on whole training slides and their nucleus masks (tiled inside).
 
     Writes ``out_model`` (Cellpose's format) and ``<out_model>.json`` (AP@0.5 of the held-out
@@ -36,6 +39,8 @@ def train_segmenter(slide_paths, mask_paths, out_model, *, pretrained: str | Non
     ``nimg_per_epoch`` None = every training tile once per epoch; ``eval_tiles`` None = all
     held-out tiles. Resumable: rerun after a kill, it continues from ``<out_model>.ckpt/`` (see
     :func:`cellstage.segment.train.fit_cellpose`).
+    ``ap_table``: also write a CSV (see :func:`ap_table`): AP@0.5 of the trained model and, when
+    training started from a model file, of that model before fine-tuning, on the same tiles.
     """
     import tifffile
 
@@ -70,7 +75,28 @@ def train_segmenter(slide_paths, mask_paths, out_model, *, pretrained: str | Non
         seed=int(seed),
     )
     log.info("segmenter trained: %s", result)
+    if ap_table is not None:
+        with atomic_path(ap_table) as tmp:
+            ap_frame(result).to_csv(tmp, index=False)
     return result
+
+
+def ap_frame(result: dict) -> pd.DataFrame:
+    """AP@0.5 rows of a :func:`train_segmenter` result: the starting model (only when training
+    started from a model file: ``ap50_before``) and the trained model, on the same held-out tiles."""
+    rows = []
+    if "ap50_before" in result:
+        rows.append({"model": "starting model", "source": result.get("pretrained"),
+                     "ap50": result["ap50_before"], "tp": result["ap50_before_tp"],
+                     "fp": result["ap50_before_fp"], "fn": result["ap50_before_fn"],
+                     "diameter": result.get("diameter_before")})
+    rows.append({"model": "fine-tuned" if "ap50_before" in result else "trained",
+                 "source": result.get("init"), "ap50": result["ap50"], "tp": result["ap50_tp"],
+                 "fp": result["ap50_fp"], "fn": result["ap50_fn"], "diameter": result.get("diameter")})
+    out = pd.DataFrame(rows)
+    out["ap50"] = out["ap50"].round(4)
+    out["n_tiles"] = result.get("n_test_tiles")
+    return out
 
 
 def segment(slide_path, tubules_path, model_path, out_labels, *, method: str, tile: int, overlap: int,

@@ -492,6 +492,9 @@ def train_segmenter(
     the evaluated tiles as (image index, y0, x0)).
     ``checkpoint``: write a resume checkpoint after every epoch into ``<out_path>.ckpt/`` and
     continue from one left by a killed run with the same inputs (see :func:`fit_cellpose`).
+    With ``pretrained``, the starting model is first evaluated on the same held-out tiles in the
+    same way: ``ap50_before`` (+ ``_tp/_fp/_fn``, ``diameter_before`` = ``diameter`` or the
+    starting model's own mean nucleus diameter), so the gain of fine-tuning is on record.
     Returns {"ap50", "n_train_tiles", "n_test_tiles", "epochs", "seconds", "diameter", ...}.
     """
     import torch
@@ -524,9 +527,23 @@ def train_segmenter(
     if gpu is None:
         gpu = torch.cuda.is_available()
 
+    before: dict = {}
     if pretrained is not None:
         model = models.CellposeModel(gpu=gpu, pretrained_model=_check_model_path(pretrained))
         log.info("fine-tuning Cellpose model %s on %d tiles", pretrained, len(tr_i))
+        if te_i:
+            # the starting model on the same held-out tiles, segmented the same way: the gain of
+            # fine-tuning (seed 000 fine-tuned `cyto` on 25,935 annotated nuclei) is measured
+            d0 = float(diameter) if diameter else float(model.net.diam_labels.item())
+            pr0, _ = predict_held_out(_check_model_path(pretrained), images, te_i, te_o,
+                                      diameter=d0, channels=channels,
+                                      batch_size=int(batch_size), gpu=gpu)
+            b = held_out_counts([m.astype(np.int32) for m in te_m], pr0, 0.5)
+            before = {"ap50_before": b["ap"], "ap50_before_tp": b["tp"],
+                      "ap50_before_fp": b["fp"], "ap50_before_fn": b["fn"],
+                      "diameter_before": d0}
+            log.info("starting model %s: AP@0.5 = %.3f on %d held-out tiles (before fine-tuning)",
+                     pretrained, b["ap"], len(te_i))
     else:
         model = models.CellposeModel(gpu=gpu, pretrained_model=False, diam_mean=diam_mean)
         log.info("training Cellpose from scratch on %d tiles (%d held out)", len(tr_i), len(te_i))
@@ -600,6 +617,7 @@ def train_segmenter(
         "min_train_masks": int(min_train_masks),
         "resumed_from_epoch": fit["resumed_from_epoch"],
         "train_losses": [float(x) for x in train_losses],
+        **before,
     }
     write_json(str(out_path) + ".json", result)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the model and its JSON are stored: no resume needed
