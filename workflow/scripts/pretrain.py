@@ -10,11 +10,12 @@ with redirect_output(snakemake.log[0]):
         list(snakemake.input.zarr),
         list(snakemake.input.index),
         list(snakemake.input.get("grading", [])),
-        Path(snakemake.output.weights).parent,  # writes backbone.safetensors, history.csv, loss.png, pretrain.json
+        Path(snakemake.output.weights).parent,  # backbone/heads.safetensors, history.csv, loss.png, pretrain.json
         method=snakemake.wildcards.method,
         backbone=snakemake.wildcards.backbone,
         img_size=snakemake.params.img_size,
         variant=snakemake.params.variant,
+        pool=snakemake.params.pool,
         epochs=snakemake.params.epochs,
         batch_size=snakemake.params.batch_size,
         max_crops=snakemake.params.max_crops,
@@ -22,4 +23,7 @@ with redirect_output(snakemake.log[0]):
         seed=snakemake.params.seed,
         threads=snakemake.threads,
         devices=snakemake.params.devices,
+        val_zarr_paths=list(snakemake.input.val_zarr),
+        val_index_paths=list(snakemake.input.val_index),
+        augment=snakemake.params.augment,
     )

@@ -3,7 +3,10 @@ autoencoder; seed 004: SimSiam, dense SimSiam).
 
 ``METHODS[name]`` is a :class:`MethodSpec` with the LightningModule class and a transform
 factory ``make_transform(img_size, **overrides)`` (lightly transforms for the crop size).
-Entry point: :func:`cellstage.ssl.pretrain.pretrain`.
+Entry point: :func:`cellstage.ssl.pretrain.pretrain` (seed 000 §4.3 protocol: unlabelled pool,
+validation loss on the labelled train crops, best epoch exported); settings per method and
+backbone: :mod:`cellstage.ssl.settings`; MAE reconstructions (Fig. A.2):
+:func:`cellstage.ssl.stage.mae_reconstructions`.
 """
 
 from __future__ import annotations

@@ -129,12 +129,10 @@ class Autoencoder(SSLModule):
     def forward(self, x):
         return self.decoder(self.encode(x))
 
-    def training_step(self, batch, batch_idx):
+    def ssl_loss(self, batch):
         views, _, _ = batch
         x = views[0]
-        loss = self.criterion(self(x), x)  # Eq. 1
-        self._record(loss, x.shape[0])
-        return loss
+        return self.criterion(self(x), x), x.shape[0]  # Eq. 1
 
     def configure_optimizers(self):
         opt = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.lr)

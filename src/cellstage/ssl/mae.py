@@ -13,6 +13,8 @@ as in seed 000). Only ViT backbones are accepted.
 
 from __future__ import annotations
 
+import torch
+
 from ..utils import CellstageError
 from .base import SSLModule, is_vit
 
@@ -27,6 +29,7 @@ def make_transform(img_size: int, **overrides):
 
 class MAE(SSLModule):
     default_lr = 1.5e-4
+    not_exported = ("encoder.",)  # lightly's wrapper around backbone_model (same tensors) and its unused mask token
 
     def __init__(self, backbone: str, img_size: int, *, lr: float | None = None, mask_ratio: float = 0.75,
                  decoder_dim: int = 512, decoder_depth: int = 1, decoder_num_heads: int = 16, **kw) -> None:
@@ -60,23 +63,91 @@ class MAE(SSLModule):
     def forward(self, images):
         return self.backbone_model(images)
 
-    def training_step(self, batch, batch_idx):
+    def _predict_masked(self, images, idx_keep, idx_mask):
+        """Predicted pixels of the masked patches, (B, n_masked, patch² · 3)."""
         from lightly.models import utils
 
-        views, _, _ = batch
-        images = views[0]
         b = images.shape[0]
-        idx_keep, idx_mask = utils.random_token_mask(
-            size=(b, self.sequence_length), mask_ratio=self.mask_ratio, device=images.device
-        )
         encoded = self.encoder.encode(images=images, idx_keep=idx_keep)
         x = self.decoder_embed(encoded)
         tokens = utils.repeat_token(self.decoder.mask_token, (b, self.sequence_length))
         tokens = utils.set_at_index(tokens, idx_keep, x.type_as(tokens))
         decoded = self.decoder(tokens)
-        pred = self.prediction_head(utils.get_at_index(decoded, idx_mask))
+        return self.prediction_head(utils.get_at_index(decoded, idx_mask))
+
+    def random_mask(self, b: int, device):
+        """(idx_keep, idx_mask) of ``mask_ratio`` of the patch tokens (index 0 = class token, kept)."""
+        from lightly.models import utils
+
+        return utils.random_token_mask(size=(b, self.sequence_length), mask_ratio=self.mask_ratio, device=device)
+
+    def ssl_loss(self, batch):
+        from lightly.models import utils
+
+        views, _, _ = batch
+        images = views[0]
+        idx_keep, idx_mask = self.random_mask(images.shape[0], images.device)
+        pred = self._predict_masked(images, idx_keep, idx_mask)
         patches = utils.patchify(images, self.patch_size)
         target = utils.get_at_index(patches, idx_mask - 1)  # patches have no class token
-        loss = self.criterion(pred, target)
-        self._record(loss, b)
-        return loss
+        return self.criterion(pred, target), images.shape[0]
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked input, reconstruction) of normalised ``images`` (B, 3, H, W): the masked input has
+        its masked patches set to zero (the normalised mean); the reconstruction is the visible
+        patches with the predicted ones pasted in (MAE paper, Fig. 2). Masks come from the global
+        torch RNG (seed it for a fixed figure)."""
+        from lightly.models import utils
+
+        b = images.shape[0]
+        idx_keep, idx_mask = self.random_mask(b, images.device)
+        pred = self._predict_masked(images, idx_keep, idx_mask)
+        patches = utils.patchify(images, self.patch_size)
+        masked = utils.set_at_index(patches.clone(), idx_mask - 1, torch.zeros_like(pred))
+        recon = utils.set_at_index(patches.clone(), idx_mask - 1, pred.type_as(patches))
+        return utils.unpatchify(masked, self.patch_size), utils.unpatchify(recon, self.patch_size)
+
+
+def reconstruction_figure(model: MAE, crops, out_path, *, seed: int = 0, title: str = "") -> None:
+    """Seed 000 Fig. A.2: rows input / masked input / reconstruction for ``crops`` ((N, H, W, 3) uint8,
+    N ~ 8 validation crops), normalised as the MAE views (ImageNet mean/std), one fixed random mask."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..training.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..utils import atomic_path
+
+    crops = np.asarray(crops)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
+    was_training = model.training
+    model.eval()
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(int(seed))
+    try:
+        dev = next(model.parameters()).device
+        masked, recon = (t.cpu() for t in model.reconstruct(((x - mean) / std).to(dev)))
+    finally:
+        torch.random.set_rng_state(gen_state)
+        model.train(was_training)
+    rows = [("input", x), ("masked", masked * std + mean), ("reconstruction", recon * std + mean)]
+    n = len(crops)
+    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), dpi=100, squeeze=False)
+    for r, (name, imgs) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(imgs[c].permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.suptitle(title or f"MAE reconstructions (mask ratio {model.mask_ratio:g})", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,11 +1,24 @@
-"""``pretrain``: one SSL run over all crops of some crop sources, with resume and atomic outputs.
+"""``pretrain``: one SSL run over a pool of crops, validated on the labelled crops, with resume
+and atomic outputs.
+
+Protocol (seed 000 §4.3): the pool is the unlabelled-nucleus dataset (``pool="unlabelled"``:
+rows whose ``split`` is ``unlabelled``; ``"unlabelled+train"`` adds every crop of the train
+slides, labelled ones included, their labels unused); the validation crops are the labelled
+cells of the train/validation slides (``val_sources``: rows with ``label_idx >= 0``), on which the
+method's own SSL loss is computed after every epoch, no labels used. The learning rate follows a
+plateau of that validation loss (×0.25, patience 10) and the epoch with the best validation
+loss is exported ("The model with the best validation loss after 200 epochs was chosen as the
+final pretrained model"). Without validation crops the training loss is monitored and the last
+epoch exported (logged; ``pretrain.json`` says ``"monitor": "train_loss"``).
 
 Outputs in ``out_dir`` (each written atomically, ``pretrain.json`` last, so its presence means
 the run finished):
-- ``backbone.safetensors`` — the timm backbone only (``num_classes=0``); load it with
-  ``load_weights(create_backbone(name, img_size=img_size), path)``;
-- ``history.csv`` (epoch, loss, lr), ``loss.png`` (curve), ``pretrain.json`` (summary,
-  config, provenance);
+- ``backbone.safetensors`` — the timm backbone only (``num_classes=0``) of the best epoch; load it
+  with ``load_weights(create_backbone(name, img_size=img_size), path)``;
+- ``heads.safetensors`` — the rest of the SSL model at the same epoch (projection heads,
+  predictors, MAE's decoder; not DINO's EMA teacher): what ``mae_reconstructions`` needs;
+- ``history.csv`` (epoch, loss, val_loss, lr), ``loss.png`` (training and validation curves),
+  ``pretrain.json`` (summary with ``best_epoch`` / ``best_val_loss``, config, provenance);
 - ``last.ckpt`` — Lightning checkpoint written (atomically replaced) after every epoch, with its
   sidecar ``last.json`` (hash of the arguments, epochs done; :mod:`cellstage.training.resume`).
   A rerun with the same ``out_dir`` and the same arguments resumes from it; ``epochs`` is not
@@ -100,6 +113,31 @@ def select_crops(index: pd.DataFrame, *, keep=None, max_crops: int | None = None
     return index.reset_index(drop=True)
 
 
+#: the crop pools of ``pretrain.pool``: the sheet splits whose crops pretrain
+POOLS = {"unlabelled": ("unlabelled",), "unlabelled+train": ("unlabelled", "train")}
+
+
+def pool_rows(index: pd.DataFrame, pool: str | None, where: str = "crop index") -> pd.DataFrame:
+    """Rows of ``index`` in ``pool`` (by their ``split``); None: every row."""
+    if pool is None:
+        return index
+    if pool not in POOLS:
+        raise CellstageError(f"pretrain.pool: {pool!r} is not one of {sorted(POOLS)}")
+    if "split" not in index.columns:
+        raise CellstageError(f"{where}: no 'split' column; pretrain.pool {pool!r} needs it (docs/contracts.md)")
+    return index.loc[index["split"].astype(str).isin(POOLS[pool])].reset_index(drop=True)
+
+
+def validation_rows(index: pd.DataFrame) -> pd.DataFrame:
+    """The labelled train/validation cells (``label_idx >= 0``; ``split == "train"`` where given)."""
+    if len(index) == 0:
+        return index
+    keep = index["label_idx"].fillna(-1).astype(int) >= 0 if "label_idx" in index else pd.Series(False, index.index)
+    if "split" in index.columns:
+        keep &= index["split"].astype(str) == "train"
+    return index.loc[keep.to_numpy()].reset_index(drop=True)
+
+
 def _index_digest(index: pd.DataFrame) -> str:
     """Hash of the crops a run trains on (source, row, slide, cell id, in order)."""
     import hashlib
@@ -109,7 +147,7 @@ def _index_digest(index: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def _plot(history: pd.DataFrame, path: Path, title: str) -> None:
+def _plot(history: pd.DataFrame, path: Path, title: str, best_epoch: int | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,9 +155,14 @@ def _plot(history: pd.DataFrame, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     if len(history):
-        ax.plot(history["epoch"], history["loss"], marker="o", ms=3)
+        ax.plot(history["epoch"], history["loss"], marker="o", ms=3, label="training")
+        if history["val_loss"].notna().any():
+            ax.plot(history["epoch"], history["val_loss"], marker="s", ms=3, label="validation")
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="0.5", ls=":", lw=1, label=f"best (epoch {best_epoch})")
+        ax.legend(fontsize=8)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("SSL loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -148,13 +191,22 @@ def pretrain(
     progress: bool = True,
     method_kwargs: dict | None = None,
     transform_kwargs: dict | None = None,
+    val_sources: Sequence[tuple[str, str]] = (),
+    pool: str | None = None,
+    checkpoint_every: int = 1,
+    augment: dict | None = None,
 ) -> dict:
-    """Self-supervised pretraining of ``backbone`` with ``method`` on all crops of ``sources``.
+    """Self-supervised pretraining of ``backbone`` with ``method`` on the crops of ``sources``.
 
-    ``sources``: (crops zarr, index parquet) pairs (labels are ignored). ``keep``: optional
-    grading keep-lists (DataFrame(s) or parquet path(s) with slide, cell_id, keep). ``lr`` None
-    = the method's seed-000 default (1e-3 SimCLR/DINO, 1.5e-4 MAE). Returns the summary that is
-    also written to ``pretrain.json``.
+    ``sources``: (crops zarr, index parquet) pairs (labels are ignored); ``pool``: keep only the
+    rows of a :data:`POOLS` entry (None: every row). ``val_sources``: pairs whose labelled
+    train rows are the validation crops (empty: no validation, the training loss is monitored
+    and the last epoch exported). ``keep``: optional grading keep-lists (DataFrame(s) or parquet
+    path(s) with slide, cell_id, keep) for the pool. ``lr`` None = the method's seed-000 default
+    (1e-3 SimCLR/DINO, 1.5e-4 MAE). ``checkpoint_every``: resume checkpoint every that many epochs
+    (0: never). ``augment``: config ``pretrain.augment`` (HED jitter in front of every view, Macenko
+    normalisation per slide of pool and validation crops; :func:`cellstage.training.stain.stain_options`).
+    Returns the summary that is also written to ``pretrain.json``.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -170,16 +222,12 @@ def pretrain(
         resolve_deterministic,
         seed_all,
     )
+    from ..training.stain import add_hed_jitter, stain_options
     from . import METHODS
+    from .settings import check_applicable
 
-    if method not in METHODS:
-        raise CellstageError(f"pretrain: unknown method {method!r}; choose one of {sorted(METHODS)}")
+    check_applicable(method, backbone)
     spec = METHODS[method]
-    if spec.vit_only and not backbone.startswith(("vit", "deit")):
-        raise CellstageError(
-            f"pretrain: method {method!r} needs a Vision Transformer backbone, got {backbone!r} "
-            "(use e.g. vit_tiny_patch16_224 / vit_small_patch16_224, or simclr/dino for ResNets)"
-        )
     if int(epochs) < 1:
         raise CellstageError(f"pretrain: epochs must be >= 1, got {epochs}")
     if not sources:
@@ -188,25 +236,52 @@ def pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    index = load_index(sources)
+    index = pool_rows(load_index(sources), pool, where=str([s[1] for s in sources]))
     n_all = len(index)
     index = select_crops(index, keep=keep, max_crops=max_crops, seed=seed)
     if len(index) < 2:
         raise CellstageError(
             f"pretrain: only {len(index)} crop(s) left of {n_all} in {[s[1] for s in sources]} "
-            "(after keep-lists / max_crops); need at least 2"
+            f"(pool {pool!r}, after keep-lists / max_crops); need at least 2"
         )
-    transform = spec.make_transform(img_size, **(transform_kwargs or {}))
-    dataset = ZarrCropDataset(index, variant=variant, transform=transform)
+    val_index = validation_rows(load_index(val_sources)) if val_sources else pd.DataFrame()
+    if val_sources and len(val_index) == 0:
+        log.warning("pretrain: no labelled train crops in %s; monitoring the training loss",
+                    [s[1] for s in val_sources])
+    n_val_in_pool = 0
+    if len(val_index):
+        pool_keys = set(zip(index["slide"].astype(str), index["cell_id"].astype("int64")))
+        n_val_in_pool = sum((s, c) in pool_keys for s, c in zip(val_index["slide"].astype(str),
+                                                                 val_index["cell_id"].astype("int64")))
+        if n_val_in_pool:
+            log.warning("pretrain: %d of %d validation crops are also in the training pool (pool %r): the "
+                        "validation loss is not held out", n_val_in_pool, len(val_index), pool)
+    jitter, stain = stain_options(augment, [*sources, *val_sources])
+    try:
+        transform = add_hed_jitter(spec.make_transform(img_size, **(transform_kwargs or {})), jitter)
+    except TypeError as e:
+        raise CellstageError(f"pretrain.methods.{method}.views: {e} (keyword arguments of the method's "
+                             "view transform)") from e
+    dataset = ZarrCropDataset(index, variant=variant, transform=transform, stain=stain)
     crop_shape = tuple(dataset.image(0).shape)
 
     seed_all(seed)
     model = spec.module(backbone, img_size, lr=lr, **(method_kwargs or {}))
+    model.val_seed = int(seed)
     bs = int(min(batch_size, len(dataset)))
     loader = DataLoader(
         dataset, batch_size=bs, sampler=EpochSampler(len(dataset), seed), drop_last=len(dataset) > bs,
         num_workers=num_workers, persistent_workers=num_workers > 0, generator=loader_generator(seed),
     )
+    val_loader = None
+    if len(val_index):
+        val_dataset = ZarrCropDataset(val_index, variant=variant, transform=transform, stain=stain)
+        # the training batch size (contrastive losses depend on it); a last batch of 1 crop is dropped
+        vbs = int(min(bs, len(val_dataset)))
+        val_loader = DataLoader(
+            val_dataset, batch_size=vbs, shuffle=False, drop_last=len(val_dataset) % vbs == 1,
+            num_workers=num_workers, persistent_workers=num_workers > 0, generator=loader_generator(seed + 1),
+        )
 
     # what must match for a checkpoint to be resumed (not `epochs`: a run may be continued)
     resume_config = {
@@ -214,6 +289,7 @@ def pretrain(
         "batch_size": bs, "lr": model.lr, "seed": int(seed), "accelerator": accelerator, "devices": devices,
         "num_workers": int(num_workers), "method_kwargs": method_kwargs or {},
         "transform_kwargs": transform_kwargs or {}, "crops": _index_digest(index),
+        "val_crops": _index_digest(val_index) if len(val_index) else None, "augment": augment or {},
     }
     last = out_dir / "last.ckpt"
     resumed_from = None  # epochs in the checkpoint to resume (its history; the sidecar may lag one epoch)
@@ -222,10 +298,11 @@ def pretrain(
         resumed_from = len(ck.get("cellstage_history", []))
         del ck
     fit = fit_resumable(
-        model, train_loader=loader, ckpt_path_last=last, resume_config=resume_config, epochs=int(epochs), seed=seed,
-        accelerator=accelerator, devices=devices,
+        model, train_loader=loader, val_loader=val_loader, ckpt_path_last=last, resume_config=resume_config,
+        epochs=int(epochs), seed=seed, accelerator=accelerator, devices=devices,
         deterministic=resolve_deterministic(None, accelerator),  # True on CPU, "warn" on CUDA
-        progress=progress, default_root_dir=out_dir, what=f"pretrain {method}/{backbone}",
+        progress=progress, checkpoint_every=checkpoint_every, default_root_dir=out_dir,
+        what=f"pretrain {method}/{backbone}",
     )
     if not fit.is_global_zero:
         return {}  # DDP: rank 0 writes the outputs
@@ -235,22 +312,29 @@ def pretrain(
         model.load_state_dict(state["state_dict"])
         model.on_load_checkpoint(state)
 
-    history = pd.DataFrame(model.history, columns=["epoch", "loss", "lr"])
+    history = pd.DataFrame(model.history, columns=["epoch", "loss", "val_loss", "lr"])
     epochs_run = len(history) - (resumed_from or 0)
+    monitor = "val_loss" if val_loader is not None else "train_loss"
+    model.cpu()
+    best_epoch = model.best["epoch"] if model.restore_best() else (int(history["epoch"].iloc[-1]) if len(history)
+                                                                  else None)
+    best_val = float(model.best["val_loss"]) if model.best["epoch"] is not None else None
     config = {
         "method": method, "backbone": backbone, "img_size": int(img_size), "variant": variant,
         "epochs": int(epochs), "batch_size": bs, "lr": model.lr, "seed": int(seed), "max_crops": max_crops,
-        "accelerator": accelerator, "devices": devices, "num_workers": int(num_workers),
+        "pool": pool, "accelerator": accelerator, "devices": devices, "num_workers": int(num_workers),
         "keep_lists": keep is not None and not isinstance(keep, pd.DataFrame) and [str(k) for k in (
             keep if isinstance(keep, (list, tuple)) else [keep]) if not isinstance(k, pd.DataFrame)] or None,
-        "method_kwargs": method_kwargs or {}, "transform_kwargs": transform_kwargs or {},
+        "method_kwargs": method_kwargs or {}, "transform_kwargs": transform_kwargs or {}, "augment": augment or {},
         "hparams": {k: v for k, v in dict(model.hparams).items()},
     }
-    save_weights(model.export_backbone(), out_dir / "backbone.safetensors",
-                 metadata={"method": method, "backbone": backbone, "img_size": img_size})
+    meta = {"method": method, "backbone": backbone, "img_size": img_size, "epoch": best_epoch}
+    save_weights(model.export_backbone(), out_dir / "backbone.safetensors", metadata=meta)
+    _save_state(model.heads_state(), out_dir / "heads.safetensors", meta)
     with atomic_path(out_dir / "history.csv") as tmp:
         history.to_csv(tmp, index=False)
-    _plot(history, out_dir / "loss.png", f"{method} / {backbone} ({len(index)} crops)")
+    _plot(history, out_dir / "loss.png", f"{method} / {backbone} ({len(index)} crops, {len(val_index)} val)",
+          best_epoch if monitor == "val_loss" else None)
     steps_per_epoch = len(loader)
     summary = {
         "method": method,
@@ -260,15 +344,28 @@ def pretrain(
         "epochs": int(len(history)),
         "epochs_this_run": int(max(0, epochs_run)),
         "resumed_from_epoch": resumed_from,
+        "monitor": monitor,
+        "best_epoch": best_epoch,  # the exported epoch (1-based): best val_loss, or the last without validation
+        "best_val_loss": best_val,
         "n_crops": int(len(index)),
         "n_crops_available": int(n_all),
+        "n_val_crops": int(len(val_index)),
+        "n_val_crops_in_pool": int(n_val_in_pool),
         "steps_per_epoch": int(steps_per_epoch),
         "seconds": round(time.perf_counter() - t0, 3),
         "seconds_per_epoch": round(fit.fit_seconds / epochs_run, 3) if epochs_run > 0 else None,
         "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
         "device": str(fit.device),
         "config": config,
-        "provenance": provenance(inputs=[s[1] for s in sources]),
+        "provenance": provenance(inputs=[s[1] for s in [*sources, *val_sources]]),
     }
     write_json(out_dir / "pretrain.json", summary)
     return summary
+
+
+def _save_state(state: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})

@@ -44,8 +44,6 @@ class SimCLR(SSLModule):
     def forward(self, x):
         return self.projection_head(self.backbone_model(x))
 
-    def training_step(self, batch, batch_idx):
+    def ssl_loss(self, batch):
         (x0, x1), _, _ = batch
-        loss = self.criterion(self(x0), self(x1))
-        self._record(loss, x0.shape[0])
-        return loss
+        return self.criterion(self(x0), self(x1)), x0.shape[0]

@@ -103,13 +103,12 @@ class SimSiam(SSLModule):
         p1, p2 = self.predictors[i](z1), self.predictors[i](z2)
         return 0.5 * (self.criterion(p1, z2.detach()) + self.criterion(p2, z1.detach()))
 
-    def training_step(self, batch, batch_idx):
+    def ssl_loss(self, batch):
         (x0, x1), _, _ = batch
         k0, k1 = self.stage_features(x0), self.stage_features(x1)
         # Eq. 7: L_DSL = sum_i w_i L^{s^i}
         loss = sum(w * self.stage_loss(i, a, b) for i, (w, a, b) in enumerate(zip(self.stage_weights, k0, k1)))
-        self._record(loss, x0.shape[0])
-        return loss
+        return loss, x0.shape[0]
 
     def configure_optimizers(self):
         # seed 004 Table I: Adam, lr 1e-3, no schedule stated (constant)

@@ -73,6 +73,7 @@ def fit_resumable(
     *,
     datamodule=None,
     train_loader=None,
+    val_loader=None,
     ckpt_path_last: str | os.PathLike,
     resume_config: Mapping,
     epochs: int,
@@ -86,8 +87,9 @@ def fit_resumable(
     default_root_dir: str | os.PathLike | None = None,
     what: str = "training",
 ) -> FitResult:
-    """Fit ``module`` for ``epochs`` epochs on ``datamodule`` or ``train_loader``, resuming from
-    ``ckpt_path_last`` when it was written with the same ``resume_config``.
+    """Fit ``module`` for ``epochs`` epochs on ``datamodule`` or ``train_loader`` (with the optional
+    ``val_loader``, run after every training epoch), resuming from ``ckpt_path_last`` when it was
+    written with the same ``resume_config``.
 
     ``deterministic``: the resolved ``Trainer(deterministic=)`` value
     (:func:`~cellstage.training.resume.resolve_deterministic`). ``callbacks`` run after the
@@ -98,6 +100,8 @@ def fit_resumable(
 
     if (datamodule is None) == (train_loader is None):
         raise ValueError("fit_resumable: pass exactly one of datamodule and train_loader")
+    if val_loader is not None and datamodule is not None:
+        raise ValueError("fit_resumable: val_loader goes with train_loader (a datamodule has its own)")
     last = Path(ckpt_path_last)
     ckpt_path = find_resumable(last, resume_config, what=what)
     resumed_from = read_sidecar(last).get("epochs_done") if ckpt_path else None
@@ -120,7 +124,7 @@ def fit_resumable(
         if datamodule is not None:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         else:
-            trainer.fit(module, train_dataloaders=train_loader, ckpt_path=ckpt_path)
+            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
         fit_seconds = time.perf_counter() - t_fit
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
