@@ -11,6 +11,7 @@ with redirect_output(snakemake.log[0]):
         train_index=list(snakemake.input.train_index),
         test_zarr=list(snakemake.input.test_zarr),
         test_index=list(snakemake.input.test_index),
+        fold_index=list(snakemake.input.fold_index),  # reference-scan indexes: one fold per cell
         pretrained=snakemake.input.get("pretrained"),
         out_dir=Path(snakemake.output.metrics).parent,  # writes metrics.json, predictions.parquet, history.csv
         fold=int(snakemake.wildcards.fold),
@@ -24,6 +25,7 @@ with redirect_output(snakemake.log[0]):
         recipe_settings=dict(snakemake.params.recipe_settings),
         batch_size=snakemake.params.batch_size,
         group_by=snakemake.params.group_by,
+        augment=dict(snakemake.params.augment),  # stain jitter / Macenko (training/stain.py)
         classes=list(snakemake.params.classes),
         static_classes=list(snakemake.params.static_classes),
         seed=snakemake.params.seed,

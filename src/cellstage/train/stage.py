@@ -16,7 +16,8 @@ from ..utils import set_torch_threads
 def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index: list, pretrained: str | None,
              out_dir: str | os.PathLike, fold: int, backbone: str, img_size: int, background: bool, distance: bool,
              n_folds: int, init: str, recipe: str, recipe_settings: dict, batch_size: int, group_by: str | None,
-             classes: list[str], static_classes: list[str], seed: int, threads: int | None, devices: int) -> dict:
+             classes: list[str], static_classes: list[str], seed: int, threads: int | None, devices: int,
+             fold_index: list | None = None, augment: dict | None = None) -> dict:
     """Train on all folds but ``fold`` of the train crops, evaluate on ``fold`` and the test crops.
 
     ``background`` False trains on the masked crops (background removed); ``distance`` adds the
@@ -25,7 +26,12 @@ def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index
     weights) or an SSL method (``pretrained`` = its ``backbone.safetensors``). ``recipe``
     (baseline / pretrained) and ``recipe_settings`` (its numbers, config ``finetune.recipes.<recipe>``)
     give the epochs and learning rates (:mod:`cellstage.train.recipes`). ``devices`` > 1: DDP;
-    resumes from ``out_dir/checkpoints/last.ckpt``.
+    resumes from ``out_dir/checkpoints/last.ckpt``. ``fold_index``: the reference scan's crop
+    indexes of the train slides, over whose cells the folds are made, so a cell's crops of every
+    scan share one fold (seed 000 §3.1, §4.2; None: folds over ``train_index`` itself, which is
+    the same for the reference scan). ``group_by``: patient, section or slide (= section).
+    ``augment``: config ``finetune.augment`` (HED stain jitter, per-slide Macenko normalisation;
+    :mod:`cellstage.training.stain`).
     """
     from .cv import run_fold
 
@@ -47,6 +53,8 @@ def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index
         recipe={"name": recipe, **recipe_settings},
         batch_size=int(batch_size),
         group_col=group_by,
+        fold_reference=list(fold_index or ()),
+        augment=dict(augment or {}),
         seed=int(seed),
         devices=int(devices),
     )

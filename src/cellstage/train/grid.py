@@ -1,0 +1,84 @@
+"""The fine-tuning experiments of a config: the union of the cross products of its grids.
+
+Config ``finetune.grid`` is one cross product of scan × background × backbone × init × distance.
+Seed 000's set of 132 configurations is not one cross product (ImageNet weights only for the
+ResNets, SSL inits only with background, MAE only for ViTs: docs/paper-grid.md), so
+``finetune.grids`` takes a list of such grids; the experiments are the union of their cross
+products, duplicates removed, in first-seen order. When ``grids`` is given (non-empty) it replaces
+``grid`` (the workflow's own config/config.yaml always carries a ``grid``, and a
+``--configfile`` is merged over it).
+
+An experiment is a dict ``scan, background, backbone, init, distance, recipe``; its name
+``{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}`` is only ever built here, never split back
+into its fields (a timm backbone name may itself contain ``-`` or ``.``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..utils import CellstageError
+
+__all__ = ["GRID_KEYS", "experiment_name", "experiments"]
+
+GRID_KEYS = ("scan", "background", "backbone", "init", "distance")
+VIT_PREFIXES = ("vit", "deit")
+
+
+def experiment_name(exp: Mapping) -> str:
+    return (f"{exp['scan']}-{'bg' if exp['background'] else 'nobg'}-{exp['backbone']}-{exp['init']}-"
+            f"{'dist' if exp['distance'] else 'nodist'}")
+
+
+def _check_imagenet_weights(finetune: Mapping, backbone: str) -> None:
+    weights = finetune.get("imagenet_weights", {}).get(backbone)
+    if not weights:
+        raise CellstageError(
+            f"config finetune.imagenet_weights.{backbone}: init 'imagenet' needs a local timm weights file "
+            "for this backbone (nothing is downloaded)"
+        )
+    if not Path(weights).is_file():
+        raise CellstageError(f"config finetune.imagenet_weights.{backbone}: {weights} does not exist")
+
+
+def _grids(finetune: Mapping) -> list[tuple[str, Mapping]]:
+    """(config key, grid) of every grid in use: ``grids`` when non-empty, else ``grid``."""
+    grids = finetune.get("grids") or []
+    if grids:
+        return [(f"finetune.grids[{i}]", g) for i, g in enumerate(grids)]
+    return [("finetune.grid", finetune["grid"])]
+
+
+def experiments(finetune: Mapping, scans) -> dict[str, dict]:
+    """Experiment name -> fields, for the config section ``finetune`` (defaults filled) and the
+    configured ``scans``. Raises a :class:`~cellstage.utils.CellstageError` naming the config key
+    for a value the workflow cannot run (unknown scan, a backbone name with '/', MAE on a
+    non-ViT, an init without a recipe, ImageNet weights not configured or missing)."""
+    out: dict[str, dict] = {}
+    for where, grid in _grids(finetune):
+        missing = [k for k in GRID_KEYS if k not in grid]
+        if missing:
+            raise CellstageError(f"config {where}: lacks {missing} (every grid lists {list(GRID_KEYS)})")
+        for scan, bg, backbone, init, dist in itertools.product(*(grid[k] for k in GRID_KEYS)):
+            if scan not in scans:
+                raise CellstageError(f"config {where}.scan: {scan!r} is not a key of config 'scans'")
+            if "/" in backbone or not backbone:
+                raise CellstageError(
+                    f"config {where}.backbone: {backbone!r} is not a timm model name usable as a path part "
+                    "(no '/'; a hub model must be given by its timm name)"
+                )
+            if init == "mae" and not backbone.startswith(VIT_PREFIXES):
+                raise CellstageError(f"config {where}: init 'mae' needs a ViT backbone, not {backbone!r}")
+            if init not in finetune["recipe"]:
+                raise CellstageError(
+                    f"config finetune.recipe.{init}: no recipe (baseline or pretrained) for init {init!r}"
+                )
+            if init == "imagenet":
+                _check_imagenet_weights(finetune, backbone)
+            exp = dict(scan=scan, background=bool(bg), backbone=backbone, init=init, distance=bool(dist),
+                       recipe=finetune["recipe"][init])  # recipe: a column of the report's tables
+            out.setdefault(experiment_name(exp), exp)
+    return out
+
