@@ -9,6 +9,8 @@ Layout under ``out_dir`` (see docs/contracts.md, "Demo data")::
     grades/{section}_40x.grades.csv        x,y,grade  (train sections only)
     truth/{section}.json                   homography, true labels, ...
     slides.tsv
+    annotators/{annotator}_r{round}_{scan}.csv, annotators.tsv   simulated annotator study
+                                           (seed 000 §4.1; see cellstage.demo.annotators)
 
 Grades: 1-4 are real nuclei (1 crisp ... 4 overlapping/blurred/faint), 5 = damaged cell
 (fragment debris, which *is* in the nucleus masks, like a segmenter would find it, but not in
@@ -29,6 +31,7 @@ import tifffile
 
 from cellstage.taxonomy import DEFAULT_CLASSES, DEFAULT_STATIC
 
+from .annotators import write_annotator_study
 from .render import MPP_20X, MPP_40X, random_homography, render_scan_20x, render_section
 
 SCANS = ("40x", "20x")
@@ -59,6 +62,12 @@ class DemoPreset:
     classes: tuple = DEFAULT_CLASSES
     static: tuple = DEFAULT_STATIC
     jpeg_quality: int = 90
+    # simulated annotator study (seed 000 §4.1: 8 test cells per dynamic class, 3 annotators,
+    # Annotator 1 twice); (name, noise in steps of the 11-label scale, rounds)
+    annotators: tuple = (("A1", 0.6, 2), ("A2", 0.45, 1), ("A3", 1.0, 1))
+    annotator_cells_per_class: int = 8
+    annotator_ambiguity: float = 0.4  # per-cell offset shared by all annotators (in-between cells)
+    annotator_noise_20x: float = 1.5  # noise factor on the blurrier 20x scan
 
 
 PRESETS = {
@@ -285,12 +294,14 @@ def generate(out_dir, preset="demo", seed: int = 0, *, progress: bool = False,
 
         it = tqdm(it, desc="demo sections", unit="section")
     lines = ["\t".join(COLUMNS)]
+    truths = []
     for (section, patient, split), ss in it:
         res = generate_section(cfg, section, split, ss, out)
         truth = res["truth"]
         truth["seed"] = int(seed)
         truth["patient"] = patient
         _dump(res["truth_path"], truth)
+        truths.append(truth)
         for r in res["rows"]:
             r["patient"] = patient
             vals = []
@@ -302,4 +313,5 @@ def generate(out_dir, preset="demo", seed: int = 0, *, progress: bool = False,
             lines.append("\t".join(vals))
     tsv = out / "slides.tsv"
     tsv.write_text("\n".join(lines) + "\n")
+    write_annotator_study(out, cfg, seed, truths)
     return tsv
