@@ -53,7 +53,7 @@ def test_best_experiment_is_chosen_on_validation(metric_files):
 def test_markdown_table_shows_percentages(metric_files):
     summary = summary_table(fold_table(metric_files))
     md = markdown_table(summary, best="40x-bg-resnet18-simclr-nodist")
-    assert "| Configuration | val Top-1 |" in md
+    assert "| Configuration | init | val Top-1 |" in md  # init (and recipe, when given) beside the name
     assert "61.0 ± 1.0" in md and "**(best)**" in md
 
 

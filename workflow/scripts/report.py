@@ -10,6 +10,7 @@ with redirect_output(snakemake.log[0]):
         experiments=snakemake.params.experiments,
         classes=list(snakemake.params.classes),
         metric=snakemake.params.metric,
+        seed=snakemake.params.seed,
         min_points_on_nuclei=snakemake.params.min_points_on_nuclei,
-        config=snakemake.params.config,
+        config_hash=snakemake.params.config_hash,
     )

@@ -12,18 +12,20 @@ import pandas as pd
 METRICS = ("top1", "top2", "adj1", "adj1_dyn")
 METRIC_NAMES = {"top1": "Top-1", "top2": "Top-2", "adj1": "Adj-1", "adj1_dyn": "Adj-1 Dyn"}
 SPLITS = ("val", "test")
+FILE_KEYS = ("metrics", "predictions", "embeddings")  # per-fold file lists of an experiment, not settings
 
 
 def fold_table(experiments: Mapping[str, Mapping]) -> pd.DataFrame:
     """One row per (experiment, fold, split) with the four metrics and the configuration columns.
 
     ``experiments[name]`` holds the configuration (scan, background, backbone, init, distance, ...)
-    and ``"metrics"``: the fold metric files of that configuration. The fold number is read from
+    and ``"metrics"``: the fold metric files of that configuration (``"predictions"`` and
+    ``"embeddings"``, the fold's other files, are not settings either). The fold number is read from
     each file's ``"fold"`` field; names are taken as given, never parsed out of paths.
     """
     rows = []
     for experiment, spec in experiments.items():
-        settings = {k: v for k, v in spec.items() if k != "metrics"}
+        settings = {k: v for k, v in spec.items() if k not in FILE_KEYS}
         for p in spec["metrics"]:
             data = json.loads(Path(p).read_text())
             if "fold" not in data:
@@ -57,16 +59,24 @@ def best_experiment(summary: pd.DataFrame, metric: str = "top1", split: str = "v
     return str(summary.loc[summary[col].idxmax(), "experiment"])
 
 
-def markdown_table(summary: pd.DataFrame, *, best: str | None = None) -> str:
-    """Percentages as "mean ± std", validation then test, like the paper's appendix tables."""
-    head = ["Configuration"] + [f"{s} {METRIC_NAMES[m]}" for s in SPLITS for m in METRICS]
+def mean_std_cell(row, split: str, metric: str) -> str:
+    """"mean ± std" in % of a summary row's ``{split}_{metric}``; "–" where undefined."""
+    mean, std = row[f"{split}_{metric}_mean"], row[f"{split}_{metric}_std"]
+    return "–" if pd.isna(mean) else f"{100 * mean:.1f} ± {100 * (0 if pd.isna(std) else std):.1f}"
+
+
+def markdown_table(summary: pd.DataFrame, *, best: str | None = None, columns=("init", "recipe")) -> str:
+    """Percentages as "mean ± std", validation then test, like the paper's appendix tables; the
+    configuration's ``columns`` (those present; default init and recipe, so baseline and
+    pretrained recipes read side by side) follow its name."""
+    shown = [c for c in columns if c in summary.columns]
+    head = ["Configuration", *shown] + [f"{s} {METRIC_NAMES[m]}" for s in SPLITS for m in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, row in summary.iterrows():
         name = row["experiment"] + (" **(best)**" if row["experiment"] == best else "")
-        cells = [name]
+        cells = [name, *[str(row[c]) for c in shown]]
         for s in SPLITS:
             for m in METRICS:
-                mean, std = row[f"{s}_{m}_mean"], row[f"{s}_{m}_std"]
-                cells.append("–" if pd.isna(mean) else f"{100 * mean:.1f} ± {100 * (0 if pd.isna(std) else std):.1f}")
+                cells.append(mean_std_cell(row, s, m))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
