@@ -6,6 +6,7 @@ rule finetune:
         metrics="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/metrics.json",
         predictions="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/predictions.parquet",
         history="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/history.csv",
+        embeddings="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/embeddings.parquet",
     log:
         "results/logs/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}.log",
     benchmark:
@@ -27,6 +28,7 @@ rule finetune:
         recipe_settings=recipe_settings,
         batch_size=config["finetune"]["batch_size"],
         group_by=config["finetune"]["group_by"],
+        augment=config["finetune"]["augment"],
         classes=config["classes"],
         static_classes=config["static_classes"],
         seed=config["seed"],

@@ -6,11 +6,13 @@ evaluates them on the validation fold and on the separate test slides. Outputs i
 
 * ``predictions.parquet`` — split, cell_id, slide, row, label_idx, label, pred, pred_label,
   ``prob_<class>`` per class;
+* ``embeddings.parquet`` — the test crops' backbone embeddings (:func:`_write_test_embeddings`);
 * ``history.csv`` — epoch, train_loss, train_acc, val_loss, val_top1, lr, backbone_lr, head_lr (the
   rates used in that epoch; ``lr`` = the backbone's, 0 while it is frozen);
 * ``metrics.json`` — written last (a finished fold is one with metrics.json):
   ``{"val", "test", "fold", "epochs", "best_epoch", "best_val_loss", "seconds",
-  "normalisation", "config", "provenance"}``; undefined metrics (NaN) are written as null.
+  "normalisation", "stain", "config", "provenance"}`` (``stain``: the per-slide Macenko fits, or
+  null); undefined metrics (NaN) are written as null.
 
 Resuming: while training, ``out_dir/checkpoints/last.ckpt`` (Lightning checkpoint: weights,
 optimiser, LR-scheduler state, loop counters, and the best-epoch weights and history kept by
@@ -113,6 +115,8 @@ def run_fold(
     weight_decay: float = 0.01,
     distance_dropout_p: float = 0.1,
     group_col: str | None = None,
+    fold_reference: Sequence[str | os.PathLike] = (),
+    augment: Mapping | None = None,
     seed: int = 0,
     accelerator: str = "auto",
     devices: int = 1,
@@ -132,6 +136,14 @@ def run_fold(
     checkpoint every that many epochs (0: never; ~0.35 s and 180 MB for resnet18).
     ``num_threads``: ``torch.set_num_threads`` for this process (e.g. Snakemake's ``{threads}``);
     on shared CPUs an oversubscribed thread count is several times slower than one thread.
+    ``fold_reference``: the reference scan's crop index parquets of the same train slides; the
+    folds are made over their cells and a crop gets the fold of its (section, cell_id), so a
+    cell's crops of every scan share a fold (:func:`cellstage.training.folds.make_folds`;
+    empty: folds over the train index itself). ``group_col``: patient, section or slide.
+    ``augment``: stain options (config ``finetune.augment``; None/off: none) — ``hed_jitter``
+    ``{p, sigma, bias}`` (training only) and ``macenko`` (+ ``macenko_reference``: a slide or
+    null), per-slide normalisation of train, validation and test crops
+    (:mod:`cellstage.training.stain`); the fitted stain matrices go into metrics.json ``stain``.
     """
     import torch
 
@@ -148,6 +160,10 @@ def run_fold(
     out_dir = Path(out_dir)
     train_sources = _check_sources(train_sources, "train")
     test_sources = _check_sources(test_sources, "test")
+    fold_reference = [str(p) for p in fold_reference]
+    for p in fold_reference:
+        if not Path(p).is_file():
+            raise CellstageError(f"fold_reference: crop index {p} does not exist")
     if pretrained_path is not None:
         pretrained_path = str(pretrained_path)
         if not Path(pretrained_path).is_file():
@@ -173,6 +189,8 @@ def run_fold(
         "weight_decay": float(weight_decay),
         "distance_dropout_p": float(distance_dropout_p),
         "group_col": group_col,
+        "fold_reference": fold_reference,
+        "augment": dict(augment or {}),
         "seed": int(seed),
         "accelerator": accelerator,
         "devices": devices,
@@ -190,9 +208,13 @@ def run_fold(
         n_folds=n_folds,
         seed=seed,
         group_col=group_col,
+        fold_reference=fold_reference,
         variant=variant,
         batch_size=batch_size,
         num_workers=num_workers,
+        hed_jitter=(augment or {}).get("hed_jitter"),
+        macenko=bool((augment or {}).get("macenko", False)),
+        macenko_reference=(augment or {}).get("macenko_reference"),
     )
     dm.setup("fit")
     for what, idx in (("train", dm.train_index), ("test", dm.test_index)):
@@ -280,6 +302,7 @@ def run_fold(
 
     with atomic_path(out_dir / "predictions.parquet") as tmp:
         pd.concat(frames, ignore_index=True).to_parquet(tmp, index=False)
+    _write_test_embeddings(model, dm, out_dir / "embeddings.parquet", fold=int(fold))
     with atomic_path(out_dir / "history.csv") as tmp:
         pd.DataFrame(history.rows, columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
 
@@ -296,6 +319,7 @@ def run_fold(
         "resumed": fit.resumed,
         "resumed_from_epoch": fit.resumed_from,
         "normalisation": {"mean": dm.mean, "std": dm.std},
+        "stain": dm.stain.to_dict() if dm.stain is not None else None,
         "config": config,
         "provenance": provenance(),
     }
@@ -303,6 +327,39 @@ def run_fold(
     shutil.rmtree(ck_dir, ignore_errors=True)
     write_json(out_dir / "metrics.json", _nan_to_none(out))  # last: marks the fold finished
     return out
+
+
+def _write_test_embeddings(model, dm, path: Path, *, fold: int) -> None:
+    """``embeddings.parquet``: the best-epoch backbone's embedding of every test crop (the
+    report's UMAP, seed 000 Fig. 5 shape) — split, fold, cell_id, slide, row, label_idx and
+    ``embedding`` (fixed-size list of float32; the classifier head's input without distance)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    idx = dm.split_index("test")
+    chunks = []
+    if len(idx):
+        dev = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for x, _, _ in dm.eval_dataloader("test"):
+                chunks.append(model.embed(x.to(dev)).float().cpu().numpy())
+        model.train(was_training)
+    dim = int(chunks[0].shape[1]) if chunks else int(model.feat_dim)
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    table = pa.table({
+        "split": pa.array(["test"] * len(idx), pa.string()),
+        "fold": pa.array([fold] * len(idx), pa.int64()),
+        "cell_id": pa.array(idx["cell_id"].to_numpy()),
+        "slide": pa.array(idx["slide"].astype(str).to_numpy(), pa.string()),
+        "row": pa.array(idx["row"].to_numpy()),
+        "label_idx": pa.array(idx["label_idx"].to_numpy(dtype=np.int64)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).ravel()), dim),
+    })
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 # ---------------------------------------------------------------------- aggregation

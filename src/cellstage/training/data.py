@@ -13,6 +13,13 @@ Normalisation uses the channel mean/std of this fold's training crops (seed 000 
 Crops are read once into memory by default (``cache=True``: 1,000 crops of 80×80×3 are 19 MB;
 the 5,200 of seed 000 are 100 MB), which removes a Zarr chunk decode per item and epoch.
 
+Stain (config ``finetune.augment``, off by default; :mod:`cellstage.training.stain`):
+``macenko=True`` fits one Macenko stain matrix per slide of the train and test sources (from at
+most 256 evenly spaced crops of that slide, deterministic, so pretraining computes the same) and
+maps every crop to the reference before anything else (statistics, transforms); the cache then
+holds normalised crops (same memory). ``hed_jitter`` ({p, sigma, bias}) adds a random HED-space
+stain jitter in front of the training transform.
+
 Training order: :class:`cellstage.training.resume.EpochSampler` (a permutation per epoch that
 depends only on ``seed`` and the epoch), and every loader has its own ``torch.Generator``, so
 that a run resumed from a checkpoint sees the same batches as an uninterrupted one.
@@ -20,7 +27,7 @@ that a run resumed from a checkpoint sees the same batches as an uninterrupted o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -31,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..utils import CellstageError
 from .folds import make_folds
 from .resume import EpochSampler, loader_generator
+from .stain import HEDJitter, SlideStainNormaliser, stain_options
 from .transforms import channel_stats, eval_transform, train_transform
 
 VARIANTS = ("images", "masked")
@@ -64,12 +72,16 @@ class ZarrCropDataset(Dataset):
         index: pd.DataFrame,
         variant: str = "images",
         transform: Callable | None = None,
+        stain: Callable | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant: {variant!r} is not one of {VARIANTS}")
         self.index = index.reset_index(drop=True)
         self.variant = variant
         self.transform = transform
+        # stain(images, slide) -> images: per-slide stain normalisation (cellstage.training.stain)
+        self.stain = stain
+        self._slides = self.index["slide"].astype(str).to_numpy() if stain is not None else None
         self._arrays: dict[str, object] = {}
         self._rows = self.index["row"].to_numpy()
         self._paths = self.index["zarr_path"].to_numpy()
@@ -92,7 +104,8 @@ class ZarrCropDataset(Dataset):
         return len(self.index)
 
     def image(self, i: int) -> np.ndarray:
-        return self._array(self._paths[i])[int(self._rows[i])]
+        img = self._array(self._paths[i])[int(self._rows[i])]
+        return self.stain(img, self._slides[i]) if self.stain is not None else img
 
     def __getitem__(self, i: int):
         img = self.image(i)
@@ -161,8 +174,8 @@ class ArrayCropDataset(Dataset):
 class CachedCropDataset(ZarrCropDataset):
     """:class:`ZarrCropDataset` whose images are read from Zarr once, at construction."""
 
-    def __init__(self, index: pd.DataFrame, variant: str = "images", transform=None) -> None:
-        super().__init__(index, variant, transform)
+    def __init__(self, index: pd.DataFrame, variant: str = "images", transform=None, stain=None) -> None:
+        super().__init__(index, variant, transform, stain)
         n = len(self.index)
         self._cache: np.ndarray | None = None
         if n == 0:
@@ -185,6 +198,11 @@ class CachedCropDataset(ZarrCropDataset):
             if cache is None:
                 cache = np.empty((n, *block.shape[1:]), dtype=block.dtype)
             cache[sel] = block[inv]
+        if self.stain is not None:  # normalised once, in place, 256 crops of one slide at a time
+            for slide in pd.unique(self._slides):  # (float temporaries ~40 MB for 80x80 crops)
+                sel = np.flatnonzero(self._slides == slide)
+                for part in np.array_split(sel, -(-len(sel) // 256)):
+                    cache[part] = self.stain(cache[part], slide)
         self._cache = cache
         self._arrays = {}  # handles no longer needed
 
@@ -208,11 +226,15 @@ class CropDataModule(L.LightningDataModule):
         n_folds: int = 5,
         seed: int = 0,
         group_col: str | None = None,
+        fold_reference: Sequence[str] = (),
         variant: str = "images",
         batch_size: int = 128,
         num_workers: int = 0,
         cache: bool = True,
         augment: bool = True,
+        hed_jitter: Mapping | None = None,
+        macenko: bool = False,
+        macenko_reference: str | None = None,
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -225,11 +247,18 @@ class CropDataModule(L.LightningDataModule):
         self.test_sources = [(str(z), str(p)) for z, p in test_sources]
         self.fold, self.n_folds, self.seed = int(fold), int(n_folds), int(seed)
         self.group_col = group_col
+        # crop indexes (parquet) of the reference scan whose cells the folds are made over
+        # (cellstage.training.folds.make_folds); empty: the train sources' own index
+        self.fold_reference = [str(p) for p in fold_reference]
         self.variant = variant
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.cache = cache
         self.augment = augment
+        self.hed_jitter = HEDJitter.from_config(hed_jitter)  # None when off (p 0)
+        self.macenko = bool(macenko)
+        self.macenko_reference = macenko_reference
+        self.stain: SlideStainNormaliser | None = None
         self._ready = False
 
     # ------------------------------------------------------------------ set-up
@@ -245,7 +274,7 @@ class CropDataModule(L.LightningDataModule):
 
     def _dataset(self, index: pd.DataFrame, transform):
         cls = CachedCropDataset if self.cache else ZarrCropDataset
-        return cls(index, self.variant, transform)
+        return cls(index, self.variant, transform, self.stain)
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
@@ -253,13 +282,19 @@ class CropDataModule(L.LightningDataModule):
         labelled = self._labelled(self.train_sources, "train")
         if labelled.empty:
             raise CellstageError(f"no labelled crops (label_idx >= 0) in train sources {self.train_sources}")
-        folds = make_folds(labelled, self.n_folds, seed=self.seed, group_col=self.group_col)
+        reference = None
+        if self.fold_reference:
+            reference = pd.concat([pd.read_parquet(p) for p in self.fold_reference], ignore_index=True)
+        folds = make_folds(labelled, self.n_folds, seed=self.seed, group_col=self.group_col, reference=reference)
         labelled["fold"] = folds
         self.train_index = labelled[folds != self.fold].reset_index(drop=True)
         self.val_index = labelled[folds == self.fold].reset_index(drop=True)
         if self.val_index.empty or self.train_index.empty:
             raise CellstageError(f"fold {self.fold}: empty train or validation split")
         self.test_index = self._labelled(self.test_sources, "test")
+        if self.macenko:  # one fit per slide of the train and test sources
+            _, self.stain = stain_options({"macenko": True, "macenko_reference": self.macenko_reference},
+                                          self.train_sources + self.test_sources)
 
         plain = self._dataset(self.train_index, None)
         if self.cache:
@@ -271,7 +306,8 @@ class CropDataModule(L.LightningDataModule):
         self.mean, self.std = channel_stats(imgs)
         self.image_size = tuple(int(s) for s in imgs.shape[1:3])
 
-        ttf = train_transform(self.mean, self.std) if self.augment else eval_transform(self.mean, self.std)
+        ttf = (train_transform(self.mean, self.std, hed_jitter=self.hed_jitter) if self.augment
+               else eval_transform(self.mean, self.std))
         etf = eval_transform(self.mean, self.std)
         self.train_ds = plain
         self.train_ds.transform = ttf

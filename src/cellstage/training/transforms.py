@@ -7,6 +7,8 @@ translation up to 1 % along both axes (one ``RandomAffine``, bilinear, zero fill
 conversion to a float tensor in [0, 1] and normalisation with the channel mean/std of the
 fold's training crops (:func:`channel_stats`). Evaluation: conversion + normalisation only.
 Inputs are PIL images or (H, W, 3) uint8 arrays / tensors, as ``ZarrCropDataset`` passes them.
+Optional stain augmentation (config ``finetune.augment.hed_jitter``, off by default):
+``train_transform(hed_jitter=...)`` puts a :class:`cellstage.training.stain.HEDJitter` first.
 
 Grader (seed 003 Level Three): :func:`grader_transform` — (H, W, 3) uint8 -> float in [0, 1],
 random horizontal flip, vertical flip (p 0.5 each) and rotation by a random multiple of 90°
@@ -21,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torchvision.transforms import v2
+
+from .stain import HEDJitter
 
 # fallback when no statistics are given: ImageNet's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,9 +41,13 @@ def train_transform(
     *,
     degrees: float = 180.0,
     translate: float = 0.01,
+    hed_jitter: HEDJitter | None = None,
 ) -> v2.Compose:
+    """``hed_jitter``: stain jitter applied first, on the uint8 crop (None: none, the default)."""
+    stain = [hed_jitter] if hed_jitter is not None else []
     return v2.Compose(
         [
+            *stain,
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.RandomAffine(
