@@ -291,17 +291,55 @@ def write_polygons_geojson(polygons, path, *, classification: str | None = None,
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
-def write_points_geojson(points: pd.DataFrame, path) -> None:
-    """DataFrame[x, y, label] -> QuPath Point annotations (inverse of read_points)."""
+def write_points_geojson(points: pd.DataFrame, path, *, properties=(), color: bool = False) -> int:
+    """DataFrame[x, y, label] -> QuPath Point annotations (inverse of read_points); returns the count.
+
+    ``properties``: further columns copied into every feature's ``properties`` (numbers as
+    float/int, the rest as str) and, the numeric ones, into ``measurements`` too (QuPath keeps
+    measurements through its own GeoJSON round trip). ``color``: add the class colour
+    (``classification.color``, stable per class name) as QuPath does on export.
+    """
     feats = []
-    for x, y, lab in zip(points["x"], points["y"], points["label"]):
-        props = {"objectType": "annotation"}
+    extra = list(properties)
+    for i, (x, y, lab) in enumerate(zip(points["x"], points["y"], points["label"])):
+        props: dict = {"objectType": "annotation"}
         if lab:
             props["classification"] = {"name": str(lab)}
+            if color:
+                props["classification"]["color"] = _rgb(_class_color(str(lab)))
+        meas = {}
+        for c in extra:
+            v = points[c].iloc[i]
+            if isinstance(v, (bool, np.bool_)):
+                props[c] = bool(v)
+            elif isinstance(v, (int, np.integer)):
+                props[c] = meas[c] = int(v)
+            elif isinstance(v, (float, np.floating)):
+                props[c] = meas[c] = float(v) if np.isfinite(v) else None
+            else:
+                props[c] = str(v)
+        if meas:
+            props["measurements"] = {k: v for k, v in meas.items() if v is not None}
         feats.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
                       "properties": props})
+    write_features(feats, path)
+    return len(feats)
+
+
+def write_features(features: list[dict], path) -> None:
+    """A list of GeoJSON features -> FeatureCollection file, written atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+
+
+def load_features(path: str | os.PathLike) -> list[dict]:
+    """The features of a GeoJSON file (FeatureCollection, Feature, bare geometry or list)."""
+    return _load_features(Path(path))
+
+
+def class_name(properties: dict) -> str:
+    """``classification.name`` of a feature's properties ("" when unclassified)."""
+    return _class_name(properties or {})
 
 
 # --------------------------------------------------------------------------- checks
