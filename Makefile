@@ -9,7 +9,7 @@ CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds
 PYTEST_ARGS ?=
 
-.PHONY: check demo test test-fast test-slurm bench lint report clean-results help setup setup-bioformats setup-env-twins demo-data
+.PHONY: check demo test test-fast test-slurm bench lint report clean-results help setup setup-bioformats setup-env-twins demo-data tables setup-chromium
 
 help:
 	@echo "make demo        set up, generate the demo slides, run the whole workflow"
@@ -19,6 +19,7 @@ help:
 	@echo "make check       import-linter layer contract, ruff, snakefmt (run by make test)"
 	@echo "make lint        make check + snakemake --lint"
 	@echo "make report      snakemake --report results/report.html"
+	@echo "make tables      rebuild every table and figure of results/report/ from stored outputs (no training)"
 	@echo "make setup-bioformats  the optional Bio-Formats reader env in .venv-bioformats (numpy<2, Java)"
 	@echo "make setup-env-twins   pip twins of workflow/envs/{io,seg,ml,report}.yaml in .venv-envs/ (tests/integration/test_envs.py)"
 
@@ -101,6 +102,20 @@ demo: setup demo-data
 report: setup
 	$(SNAKEMAKE) --report results/report.html
 
+# Every paper table and figure (results/report/: Table 1, A.5-A.7, Figs 4-7, confusion matrices,
+# provenance.json) rebuilt from the stored fold outputs: only rule report may run (--allowed-rules),
+# so nothing trains; a missing fold output is an error, never a training job.
+tables: setup
+	$(BIN)/snakemake --cores 1 --allowed-rules report --forcerun report -- results/report/summary.json
+
+# headless Chromium for tests/integration/test_html_report.py (the snakemake --report HTML as a
+# reader sees it): installed from Debian when running as root, else that test skips and says why
+setup-chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+	  else echo "chromium not found and not root: tests/integration/test_html_report.py will skip"; fi; }
+
 # the package's shape and style, checked before the tests: import-linter's layer contract
 # (.importlinter), ruff (ruff.toml), snakefmt (pyproject [tool.snakefmt]); ~10 s
 check: setup
@@ -108,7 +123,7 @@ check: setup
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile workflow/
 
-test: setup setup-bioformats setup-env-twins check
+test: setup setup-bioformats setup-env-twins setup-chromium check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup setup-bioformats

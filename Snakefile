@@ -20,6 +20,7 @@ include: "workflow/rules/reduce.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/annotators.smk"
 
 
 rule all:

@@ -194,10 +194,12 @@ def pretrain(
     zarr: Annotated[list[Path], typer.Option("--zarr", help="crops zarr; repeat")] = (),
     index: Annotated[list[Path], typer.Option("--index", help="crops index parquet, same order; repeat")] = (),
     grading: Annotated[list[Path], typer.Option("--grading", help="grading keep-list parquet; repeat")] = (),
+    val_zarr: Annotated[list[Path], typer.Option("--val-zarr", help="train slides' crops zarr (validation)")] = (),
+    val_index: Annotated[list[Path], typer.Option("--val-index", help="their index parquet, same order; repeat")] = (),
     config: ConfigOpt = Path("config/config.yaml"),
     threads: int = 2,
 ):
-    """Self-supervised pretraining on unlabelled crops."""
+    """Self-supervised pretraining on the pool (config pretrain.pool), validated on the labelled train crops."""
     from .ssl import stage
 
     cfg = _config(config)
@@ -206,7 +208,9 @@ def pretrain(
     p = cfg["pretrain"]
     _run(stage.pretrain, list(zarr), list(index), list(grading), out_dir, method=method, backbone=backbone,
          img_size=cfg["scans"][scan]["crop_size"], variant=p["variant"], epochs=p["epochs"],
-         batch_size=p["batch_size"], max_crops=p["max_crops"], seed=cfg["seed"], threads=threads, devices=1)
+         batch_size=p["batch_size"], max_crops=p["max_crops"], seed=cfg["seed"], threads=threads, devices=1,
+         method_settings=p["methods"].get(method), pool=p["pool"], val_zarr_paths=list(val_zarr),
+         val_index_paths=list(val_index))
 
 
 @app.command()
@@ -217,6 +221,7 @@ def finetune(
     train_index: Annotated[list[Path], typer.Option("--train-index")],
     test_zarr: Annotated[list[Path], typer.Option("--test-zarr")] = (),
     test_index: Annotated[list[Path], typer.Option("--test-index")] = (),
+    fold_index: Annotated[list[Path], typer.Option("--fold-index")] = (),
     scan: str = "40x",
     backbone: str = "resnet18",
     background: bool = True,
@@ -229,7 +234,9 @@ def finetune(
     """One cross-validation fold: train on the other folds, evaluate on this fold and the test slides.
 
     ``--init`` picks the recipe (config finetune.recipe); ``--pretrained`` is the SSL backbone, or
-    for ``--init imagenet`` defaults to config finetune.imagenet_weights.<backbone>."""
+    for ``--init imagenet`` defaults to config finetune.imagenet_weights.<backbone>. ``--fold-index``:
+    the reference scan's crop indexes of the train slides (folds over their cells, so a cell's
+    crops of every scan share a fold; default: the train indexes themselves)."""
     from .train import stage
 
     cfg = _config(config)
@@ -248,7 +255,70 @@ def finetune(
          distance=distance, n_folds=f["n_folds"], init=init, recipe=f["recipe"][init],
          recipe_settings=f["recipes"][f["recipe"][init]], batch_size=f["batch_size"],
          group_by=f["group_by"], classes=cfg["classes"], static_classes=cfg["static_classes"], seed=cfg["seed"],
-         threads=threads, devices=1)
+         threads=threads, devices=1, fold_index=[str(p) for p in fold_index] or None)
+
+
+def _sheet(cfg: dict):
+    import pandas as pd
+
+    path = Path(cfg["samples"])
+    if not path.is_file():
+        raise CellstageError(f"config 'samples': slide sheet {path} not found")
+    return pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
+
+
+@app.command("export-uncertain")
+def export_uncertain(
+    experiment: Annotated[Path, typer.Argument(help="results/finetune/<scan>/<bg>/<backbone>/<init>/<dist>")],
+    out_dir: Path,
+    n: Annotated[int, typer.Option("--n", help="cells per slide")] = 50,
+    measure: Annotated[str, typer.Option(help="entropy or margin of the fold ensemble")] = "entropy",
+    split: Annotated[str, typer.Option(help="test (fold ensemble) or val (train slides, out of fold)")] = "test",
+    cells_dir: Annotated[Path, typer.Option(help="folder of the cell tables")] = Path("results/cells"),
+    config: ConfigOpt = Path("config/config.yaml"),
+):
+    """The N most uncertain cells per slide -> QuPath point annotations (<out_dir>/<reference slide>.geojson)."""
+    from .report import roundtrip
+
+    cfg = _config(config)
+    folds = sorted(experiment.glob("fold*/predictions.parquet"))
+    if not folds:
+        typer.secho(f"error: {experiment}: no fold*/predictions.parquet (run the workflow first)", fg="red", err=True)
+        raise typer.Exit(2)
+    _run(lambda: roundtrip.export_uncertain(
+        folds, out_dir, n=n, classes=cfg["classes"], cells_dir=cells_dir, measure=measure, split=split,
+        ref_slide_of=roundtrip.reference_slides(_sheet(cfg), cfg["reference_scan"])))
+
+
+@app.command("import-labels")
+def import_labels(
+    geojson: Path,
+    slide: Annotated[str, typer.Option(help="reference slide id (sheet column slide) the points belong to")],
+    annotator: Annotated[str, typer.Option(help="who labelled them (kept in the history)")],
+    points: Annotated[Optional[Path], typer.Option(help="points file; default: the sheet's")] = None,
+    tolerance: Annotated[float, typer.Option(help="px: a point this close to an existing one relabels it")] = 3.0,
+    config: ConfigOpt = Path("config/config.yaml"),
+):
+    """Merge annotated points into the slide's points file (history in <points>.history.csv)."""
+    from .report import roundtrip
+
+    cfg = _config(config)
+
+    def _import():
+        target = points
+        if target is None:
+            sheet = _sheet(cfg)
+            row = sheet[sheet["slide"] == slide]
+            if row.empty:
+                raise CellstageError(f"--slide {slide!r} is not in the sheet {cfg['samples']}")
+            if not row["points"].iloc[0]:
+                raise CellstageError(f"{cfg['samples']}: slide {slide} has no 'points' file; enter a path "
+                                     f"(e.g. resources/{slide}.points.geojson) in that column or pass --points")
+            target = Path(row["points"].iloc[0])
+        return roundtrip.import_labels(geojson, target, classes=cfg["classes"], annotator=annotator,
+                                       tolerance_px=tolerance)
+
+    _run(_import)
 
 
 def main() -> None:  # pragma: no cover

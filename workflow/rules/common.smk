@@ -1,10 +1,15 @@
 # Validation of config and sheet, derived lists, wildcard constraints and input functions.
-import itertools
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
 from snakemake.utils import validate
+
+# the checkout's package (as workflow/scripts/_src_path.py does for the rule scripts)
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from cellstage.train.grid import experiments as grid_experiments
+from cellstage.training.folds import check_split_leaks
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -35,6 +40,7 @@ def _load_sheet(path):
         raise ValueError(f"{path}: sections {missing_ref} have no '{config['reference_scan']}' (reference_scan) row")
     if ref["section"].duplicated().any():
         raise ValueError(f"{path}: a section has more than one reference-scan row")
+    check_split_leaks(sheet, path)  # no test patient or section also in train
     no_rois = sorted(ref.loc[ref["tubules"].isna(), "slide"])
     if no_rois:
         raise ValueError(f"{path}: reference slides {no_rois} need a 'tubules' GeoJSON")
@@ -74,45 +80,13 @@ def _ref_slide_of(section):
     return slides.index[(slides["section"] == section) & (slides["scan"] == REF_SCAN)][0]
 
 
-# --- experiments: the cross product of config finetune.grid --------------------------------
-# Each field of an experiment is its own path part,
+# --- experiments: the union of the cross products of config finetune.grids (or finetune.grid) --
+# (cellstage.train.grid). Each field of an experiment is its own path part,
 #   results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/,
-# and its display name `{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}` is only ever built here,
-# never split back into its fields (a timm backbone name may itself contain '-' or '.').
-def _check_imagenet_weights(backbone):
-    weights = config["finetune"]["imagenet_weights"].get(backbone)
-    if not weights:
-        raise ValueError(
-            f"config finetune.imagenet_weights.{backbone}: init 'imagenet' needs a local timm weights file "
-            "for this backbone (nothing is downloaded)"
-        )
-    if not Path(weights).is_file():
-        raise ValueError(f"config finetune.imagenet_weights.{backbone}: {weights} does not exist")
-
-
+# and its display name `{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}` is only ever built in
+# the package, never split back into its fields (a timm backbone name may contain '-' or '.').
 def _experiments():
-    grid = config["finetune"]["grid"]  # every key filled from the schema defaults by validate()
-    out = {}
-    for scan, bg, backbone, init, dist in itertools.product(
-        grid["scan"], grid["background"], grid["backbone"], grid["init"], grid["distance"]
-    ):
-        if scan not in config["scans"]:
-            raise ValueError(f"config finetune.grid.scan: {scan!r} is not a key of config 'scans'")
-        if "/" in backbone or not backbone:
-            raise ValueError(
-                f"config finetune.grid.backbone: {backbone!r} is not a timm model name usable as a path part "
-                "(no '/'; a hub model must be given by its timm name)"
-            )
-        if init == "mae" and not backbone.startswith(("vit", "deit")):
-            raise ValueError(f"config finetune.grid: init 'mae' needs a ViT backbone, not {backbone!r}")
-        if init not in config["finetune"]["recipe"]:
-            raise ValueError(f"config finetune.recipe.{init}: no recipe (baseline or pretrained) for init {init!r}")
-        if init == "imagenet":
-            _check_imagenet_weights(backbone)
-        name = f"{scan}-{'bg' if bg else 'nobg'}-{backbone}-{init}-{'dist' if dist else 'nodist'}"
-        recipe = config["finetune"]["recipe"][init]  # a column of the report's tables
-        out[name] = dict(scan=scan, background=bg, backbone=backbone, init=init, distance=dist, recipe=recipe)
-    return out
+    return grid_experiments(config["finetune"], config["scans"])  # defaults filled by validate()
 
 
 EXPERIMENTS = _experiments()
@@ -133,8 +107,14 @@ def finetune_dir(exp):
 
 
 def pretrain_method_settings(wildcards):
-    """The method's own settings (config pretrain.methods.<method>; {} for a method without)."""
-    return dict(config["pretrain"]["methods"].get(wildcards.method, {}))
+    """Param: the block config pretrain.methods.<method> with only this run's `backbones` entry
+    (so editing another backbone's settings does not rerun this one); the package merges it
+    (cellstage.ssl.settings.resolve_settings: backbone > method > pretrain.epochs/batch_size)."""
+    block = dict(config["pretrain"]["methods"].get(wildcards.method, {}))
+    own = (block.pop("backbones", None) or {}).get(wildcards.backbone)
+    if own:
+        block["backbones"] = {wildcards.backbone: own}
+    return block
 
 
 def pretrain_file(method, backbone, scan, name):
@@ -180,10 +160,14 @@ def _segmenter_trained():
 def segmenter_inputs(wildcards):
     if not _segmenter_trained():
         return {}
-    return {
+    inputs = {
         "slides": expand("results/slides/{slide}.ome.zarr", slide=MASK_SLIDES),
         "masks": [slides.loc[s, "masks"] for s in MASK_SLIDES],
     }
+    start = config["segmentation"]["pretrained"]
+    if start and Path(start).is_file():  # a starting model by path: a new file retrains
+        inputs["pretrained"] = start
+    return inputs
 
 
 def segmenter_model(wildcards=None):
@@ -250,13 +234,37 @@ def graded_ref_slides():
     return REF_SLIDES
 
 
+# config pretrain.pool -> sheet splits whose crops pretrain (cellstage.ssl.pretrain.POOLS): the
+# labelled cross-validation cells (split train) are only in `unlabelled+train`
+PRETRAIN_POOL_SPLITS = {"unlabelled": ("unlabelled",), "unlabelled+train": ("unlabelled", "train")}
+
+
 def pretrain_inputs(wildcards):
-    ids = _slides_where(wildcards.scan, ("unlabelled", "train"))
+    """The pool's crops (zarr, index), the validation crops (val_zarr, val_index: the train slides,
+    whose labelled cells are the SSL validation set, seed 000 §4.3) and the pool's gradings."""
+    ids = _slides_where(wildcards.scan, PRETRAIN_POOL_SPLITS[config["pretrain"]["pool"]])
+    if not ids:
+        raise ValueError(
+            f"config pretrain.pool {config['pretrain']['pool']!r}: no slide of scan {wildcards.scan} "
+            f"in the sheet has split {PRETRAIN_POOL_SPLITS[config['pretrain']['pool']]}"
+        )
     inputs = crops_of(ids)
+    val = crops_of(_slides_where(wildcards.scan, ("train",)))
+    inputs["val_zarr"], inputs["val_index"] = val["zarr"], val["index"]
     if graded_ref_slides():
         sections = {slides.loc[s, "section"] for s in ids}
         inputs["grading"] = [f"results/grading/{_ref_slide_of(sec)}.parquet" for sec in sorted(sections)]
     return inputs
+
+
+def mae_reconstruction_inputs(wildcards):
+    """The MAE run's exported weights and summary, and the validation crops it shows."""
+    run = {
+        name: pretrain_file("mae", wildcards.backbone, wildcards.scan, f"{name}.{ext}")
+        for name, ext in (("backbone", "safetensors"), ("heads", "safetensors"), ("pretrain", "json"))
+    }
+    val = crops_of(_slides_where(wildcards.scan, ("train",)))
+    return {**run, "val_zarr": val["zarr"], "val_index": val["index"]}
 
 
 def finetune_inputs(wildcards):
@@ -267,6 +275,9 @@ def finetune_inputs(wildcards):
         "train_index": train["index"],
         "test_zarr": test["zarr"],
         "test_index": test["index"],
+        # the reference scan's crop indexes of the train slides: folds are made over their cells,
+        # so a cell's crops of every scan share one fold (cellstage.training.folds.make_folds)
+        "fold_index": crops_of(_slides_where(REF_SCAN, ("train",)))["index"],
     }
     if wildcards.init == "imagenet":
         inputs["pretrained"] = config["finetune"]["imagenet_weights"][wildcards.backbone]
@@ -291,17 +302,62 @@ def fold_files(exp, name):
 
 
 def report_experiments():
-    """Report param: experiment name -> its grid fields and the metrics.json of its folds."""
-    return {name: dict(exp, metrics=fold_files(exp, "metrics.json")) for name, exp in EXPERIMENTS.items()}
+    """Report param: experiment name -> its grid fields and its folds' metrics, predictions, embeddings."""
+    return {
+        name: dict(
+            exp,
+            metrics=fold_files(exp, "metrics.json"),
+            predictions=fold_files(exp, "predictions.parquet"),
+            embeddings=fold_files(exp, "embeddings.parquet"),
+        )
+        for name, exp in EXPERIMENTS.items()
+    }
+
+
+def report_config_hash():
+    """Report param: hash of the whole config (its provenance; the report reruns when it changes)."""
+    from cellstage.report.provenance import config_hash
+
+    return config_hash(config)
+
+
+# --- annotator study (seed 000 §4.1, annotators.smk), only with config annotators.sheet -------
+def annotator_study_inputs(wildcards):
+    """The annotator sheet, validated (annotators.schema.yaml) when the study is wanted, and every
+    labels file it lists (a relative path is relative to the sheet's folder)."""
+    path = Path(config["annotators"]["sheet"])
+    if not path.is_file():
+        demo = " - for the demo run `make demo-data` first" if "demo" in str(path) else ""
+        raise ValueError(f"config annotators.sheet: {path} not found{demo}")
+    sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
+    if "round" in sheet:
+        rounds = pd.to_numeric(sheet["round"], errors="coerce")
+        bad = [f"row {i + 2}: {v!r}" for i, v in sheet["round"][rounds.isna()].items()]
+        if bad:
+            raise ValueError(f"{path}: column 'round' must be an integer (1, 2, ...): {bad[:5]}")
+        sheet["round"] = rounds.astype(int)
+    validate(sheet, schema=str(Path(workflow.basedir) / "workflow/schemas/annotators.schema.yaml"))
+    labels = [p if Path(p).is_absolute() else str(path.parent / p) for p in sheet["labels"]]
+    return {"sheet": str(path), "labels": labels}
 
 
 def final_outputs():
-    return [
-        "results/report/cv_results.md",
-        "results/report/cv_results.csv",
-        "results/report/summary.json",
-        "results/report/cv_boxplot.png",
-    ]
+    annotators = list(rules.annotator_study.output) if config["annotators"]["sheet"] else []
+    return (
+        [
+            "results/report/cv_results.md",
+            "results/report/cv_results.csv",
+            "results/report/summary.json",
+            "results/report/cv_boxplot.png",
+        ]
+        + annotators
+        + mae_reconstruction_files()
+    )
+
+
+def mae_reconstruction_files():
+    """Seed 000 Fig. A.2: the reconstruction figure of every MAE pretraining run."""
+    return [pretrain_file(*run, "reconstructions.png") for run in PRETRAIN_RUNS if run[0] == "mae"]
 
 
 def sheet_value(column):
@@ -347,11 +403,20 @@ def with_distance(wildcards):
     return wildcards.distance == "dist"
 
 
+def _test_slides():
+    """Test slides of the scans fine-tuned on (their crops are the embeddings' crops)."""
+    scans = {exp["scan"] for exp in EXPERIMENTS.values()}
+    return [s for s in SLIDES if slides.loc[s, "split"] == "test" and slides.loc[s, "scan"] in scans]
+
+
 def report_inputs(wildcards):
     inputs = {
         "metrics": [p for exp in EXPERIMENTS.values() for p in fold_files(exp, "metrics.json")],
         # read beside each metrics.json for the fold ensemble of the best configuration
         "predictions": [p for exp in EXPERIMENTS.values() for p in fold_files(exp, "predictions.parquet")],
+        # test-crop embeddings (UMAP) and the crop stores they are read from (staining intensity)
+        "embeddings": [p for exp in EXPERIMENTS.values() for p in fold_files(exp, "embeddings.parquet")],
+        "crop_zarr": expand("results/crops/{slide}.zarr", slide=_test_slides()),
         # pixel sizes of the slides whose classified cells are exported as GeoJSON
         "slides": expand("results/slides/{slide}.ome.zarr", slide=SLIDES),
         "registration": expand("results/registration/{mov_slide}.json", mov_slide=MOV_SLIDES),
