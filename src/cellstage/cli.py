@@ -99,7 +99,8 @@ def train_segmenter(
 
     cfg = _config(config)
     seg = cfg["segmentation"]
-    _run(stage.train_segmenter, slides, masks, out_model, pretrained=seg["pretrained"], diameter=seg["diameter"],
+    _run(stage.train_segmenter, slides, masks, out_model, f"{out_model}.ap.csv", pretrained=seg["pretrained"],
+         diameter=seg["diameter"],
          epochs=seg["epochs"], learning_rate=seg["learning_rate"], batch_size=seg["batch_size"], bsize=seg["bsize"],
          diam_mean=seg["diam_mean"], nimg_per_epoch=seg["nimg_per_epoch"], eval_tiles=seg["eval_tiles"],
          seed=cfg["seed"], threads=threads)

@@ -182,3 +182,21 @@ def release_free_memory() -> None:
                 _LIBC_TRIM = False
     if _LIBC_TRIM:
         _LIBC_TRIM(0)
+
+
+def save_capped_png(rgb: np.ndarray, path: str | os.PathLike, max_side: int = 512,
+                    colors: int = 32) -> None:
+    """Write an (H, W, 3|4) uint8 image as PNG with its longest side at most ``max_side`` px
+    (area-averaged downscale), quantised to a ``colors``-colour palette and optimised; atomic.
+    Here (not in :mod:`cellstage.register.qc`, whose registration overlays use it) so the report
+    environment, which has no OpenCV, can use it too."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    if colors:
+        # octree keeps small, distinct colours (a red FAILED title) that median cut merges away
+        img = img.quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", optimize=True)

@@ -234,7 +234,7 @@ def test_stage_forwards_the_segmentation_config_and_defaults_agree(tmp_path, mon
     monkeypatch.setattr(seg_stage, "ZarrSlide", FakeSlide)
     monkeypatch.setattr(tifffile, "imread", lambda p: np.zeros((8, 8), np.uint16))
     monkeypatch.setattr(seg_train, "train_segmenter", lambda *a, **kw: seen.update(kw) or {})
-    seg_stage.train_segmenter(["s.ome.zarr"], ["m.tiff"], tmp_path / "model",
+    seg_stage.train_segmenter(["s.ome.zarr"], ["m.tiff"], tmp_path / "model", None,
                               **{k: config["segmentation"][k] for k in keys}, seed=3, threads=None)
     expect = {"epochs": 120, "nimg_per_epoch": 16, "batch_size": 4, "bsize": 64,
               "max_eval_tiles": 64, "learning_rate": 0.005, "seed": 3, "pretrained": None, "diameter": None}

@@ -8,7 +8,7 @@ with redirect_output(snakemake.log[0]):
         list(snakemake.input.slides),
         list(snakemake.input.masks),
         snakemake.output.model,
-        ap_table=snakemake.output.ap,
+        snakemake.output.ap,
         pretrained=snakemake.params.pretrained,
         diameter=snakemake.params.diameter,
         epochs=snakemake.params.epochs,

@@ -14,7 +14,7 @@ import os
 import cv2
 import numpy as np
 
-from ..utils import atomic_path, write_json
+from ..utils import save_capped_png, write_json
 from .homography import RegistrationResult, read_at_downsample, to_gray
 
 __all__ = ["OVERLAY_COLORS", "OVERLAY_MAX_PNG_SIDE", "overlay_image", "overlay_png", "save_capped_png", "save_result"]
@@ -81,22 +81,6 @@ def _stretch(g: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.clip((g.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
 
 
-def save_capped_png(rgb: np.ndarray, path: str | os.PathLike, max_side: int = OVERLAY_MAX_PNG_SIDE,
-                    colors: int = OVERLAY_COLORS) -> None:
-    """Write an (H, W, 3|4) uint8 image as PNG with its longest side at most ``max_side`` px
-    (area-averaged downscale), quantised to a ``colors``-colour palette and optimised; atomic."""
-    from PIL import Image
-
-    img = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    if colors:
-        # octree keeps small, distinct colours (a red FAILED title) that median cut merges away
-        img = img.quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", optimize=True)
-
-
 def overlay_png(ref, mov, result: RegistrationResult, path: str | os.PathLike,
                 max_side: int = 1024, title: str | None = None, max_png_side: int = OVERLAY_MAX_PNG_SIDE) -> None:
     """Write the QC overlay (ref → mov frame, magenta/green), inliers and RMSE in the title;
@@ -131,7 +115,7 @@ def overlay_png(ref, mov, result: RegistrationResult, path: str | os.PathLike,
     if result.message and not result.ok:
         fig.text(0.5, 1 - 0.42 / fh, result.message, ha="center", va="center", fontsize=6, color="red")
     fig.canvas.draw()
-    save_capped_png(np.asarray(fig.canvas.buffer_rgba()), path, max_side=max_png_side)
+    save_capped_png(np.asarray(fig.canvas.buffer_rgba()), path, max_side=max_png_side, colors=OVERLAY_COLORS)
 
 
 def save_result(result: RegistrationResult, json_path: str | os.PathLike) -> None:

@@ -36,14 +36,14 @@ MAX_SIDE = 2000  # px, longest side of a written figure
 
 def _save(fig, path):
     """PNG: drawn at ``DPI``, longest side capped at ``MAX_SIDE``, 256-colour palette, optimised
-    (:func:`cellstage.register.qc.save_capped_png`); any other suffix: matplotlib's own writer."""
+    (:func:`cellstage.utils.save_capped_png`); any other suffix: matplotlib's own writer."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     if fmt == "png":
         import io
 
         from PIL import Image
 
-        from ..register.qc import save_capped_png
+        from ..utils import save_capped_png
 
         buf = io.BytesIO()
         fig.savefig(buf, dpi=DPI, bbox_inches="tight", format="png")

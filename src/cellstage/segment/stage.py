@@ -28,10 +28,10 @@ def _read_level0(slide) -> np.ndarray:
     return slide.read_region(0, 0, w, h, level=0)
 
 
-def train_segmenter(slide_paths, mask_paths, out_model, *, pretrained: str | None, diameter: float | None,
+def train_segmenter(slide_paths, mask_paths, out_model, ap_table: str | os.PathLike | None, *,
+                    pretrained: str | None, diameter: float | None,
                     epochs: int, learning_rate: float, batch_size: int, bsize: int, diam_mean: float,
-                    nimg_per_epoch: int | None, eval_tiles: int | None, seed: int, threads: int,
-                    ap_table: str | os.PathLike | None = None) -> dict:
+                    nimg_per_epoch: int | None, eval_tiles: int | None, seed: int, threads: int) -> dict:
     """Cellpose trained on whole training slides and their nucleus masks (tiled inside).
 
     Writes ``out_model`` (Cellpose's format) and ``<out_model>.json`` (AP@0.5 of the held-out
@@ -39,7 +39,7 @@ def train_segmenter(slide_paths, mask_paths, out_model, *, pretrained: str | Non
     ``nimg_per_epoch`` None = every training tile once per epoch; ``eval_tiles`` None = all
     held-out tiles. Resumable: rerun after a kill, it continues from ``<out_model>.ckpt/`` (see
     :func:`cellstage.segment.train.fit_cellpose`).
-    ``ap_table``: also write a CSV (see :func:`ap_table`): AP@0.5 of the trained model and, when
+    ``ap_table``: also write a CSV (see :func:`ap_frame`; None: not written): AP@0.5 of the trained model and, when
     training started from a model file, of that model before fine-tuning, on the same tiles.
     """
     import tifffile
