@@ -59,7 +59,25 @@ def validate_config(config: dict, where: str = "config") -> dict:
         raise CellstageError(f"{where}: invalid configuration:\n  " + "\n  ".join(lines))
     # a second pass fills defaults of objects that were themselves filled from a default
     _validator(schema).validate(data)
+    check_config(data, where)
     return data
+
+
+def check_config(config: dict, where: str = "config") -> None:
+    """What a JSON schema cannot say: values of one key that must be values of another.
+    Raises a :class:`CellstageError` naming the keys and the allowed values. Called by
+    :func:`validate_config` and by the workflow at start-up (workflow/rules/common.smk)."""
+    problems = []
+    classes = list(config.get("classes") or [])
+    unknown = [c for c in config.get("static_classes") or [] if c not in classes]
+    if unknown:
+        problems.append(f"static_classes: {unknown} are not in classes {classes}")
+    scans = config.get("scans") or {}
+    ref = config.get("reference_scan")
+    if scans and ref is not None and ref not in scans:
+        problems.append(f"reference_scan: {ref!r} is not a key of scans {sorted(scans)}")
+    if problems:
+        raise CellstageError(f"{where}: invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def load_config(path: str | os.PathLike) -> dict:

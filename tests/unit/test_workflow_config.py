@@ -31,6 +31,9 @@ def test_default_config_is_valid():
         (("segmentation", "method"), "stardist"),
         (("grading", "threshold"), 2),
         (("finetune", "grid"), {"init": ["imagenet21k"]}),
+        (("seed",), -1),
+        (("seed",), 2**32),
+        (("segmentation", "diameter"), 0),
     ],
 )
 def test_bad_config_value_is_rejected_naming_the_field(key, value):
@@ -52,6 +55,21 @@ def test_static_classes_in_config_are_known_classes():
     assert tax.dynamic == ("Spg Ad", "Spg", "Pl-Z", "P", "rsptd", "esptd")
     with pytest.raises(ValueError, match="static_classes"):
         Taxonomy(("A", "B"), ("C",))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("static_classes", ["PMC", "Sertoli"], "static_classes: ['Sertoli'] are not in classes"),
+    ("reference_scan", "60x", "reference_scan: '60x' is not a key of scans ['20x', '40x']"),
+])
+def test_cross_key_errors_name_both_keys(key, value, message):
+    """What the schema cannot express is checked at start-up (cellstage.config.check_config, called
+    by common.smk and by every CLI command's config reading)."""
+    from cellstage.config import validate_config
+    from cellstage.utils import CellstageError
+
+    config = dict(load_config(), **{key: value})
+    with pytest.raises(CellstageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_config(config, where="config/config.yaml")
 
 
 def test_demo_sheet_is_valid():

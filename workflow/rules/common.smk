@@ -8,10 +8,12 @@ from snakemake.utils import validate
 
 # the checkout's package (as workflow/scripts/_src_path.py does for the rule scripts)
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from cellstage.config import check_config
 from cellstage.train.grid import experiments as grid_experiments
 from cellstage.training.folds import check_split_leaks
 
 validate(config, schema="../schemas/config.schema.yaml")
+check_config(config, "config")  # cross-key checks (static_classes within classes, reference_scan a scan)
 
 
 def _load_sheet(path):
