@@ -9,6 +9,7 @@ from snakemake.utils import validate
 # the checkout's package (as workflow/scripts/_src_path.py does for the rule scripts)
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from cellstage.config import check_config
+from cellstage.report.annotators import read_annotator_sheet
 from cellstage.train.grid import experiments as grid_experiments
 from cellstage.training.folds import check_split_leaks
 
@@ -325,22 +326,14 @@ def report_config_hash():
 
 # --- annotator study (seed 000 §4.1, annotators.smk), only with config annotators.sheet -------
 def annotator_study_inputs(wildcards):
-    """The annotator sheet, validated (annotators.schema.yaml) when the study is wanted, and every
-    labels file it lists (a relative path is relative to the sheet's folder)."""
+    """The annotator sheet, validated (annotators.schema.yaml, cellstage.report.annotators) when the
+    study is wanted, and every labels file it lists (a relative path is relative to the sheet's folder)."""
     path = Path(config["annotators"]["sheet"])
     if not path.is_file():
         demo = " - for the demo run `make demo-data` first" if "demo" in str(path) else ""
         raise ValueError(f"config annotators.sheet: {path} not found{demo}")
-    sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
-    if "round" in sheet:
-        rounds = pd.to_numeric(sheet["round"], errors="coerce")
-        bad = [f"row {i + 2}: {v!r}" for i, v in sheet["round"][rounds.isna()].items()]
-        if bad:
-            raise ValueError(f"{path}: column 'round' must be an integer (1, 2, ...): {bad[:5]}")
-        sheet["round"] = rounds.astype(int)
-    validate(sheet, schema=str(Path(workflow.basedir) / "workflow/schemas/annotators.schema.yaml"))
-    labels = [p if Path(p).is_absolute() else str(path.parent / p) for p in sheet["labels"]]
-    return {"sheet": str(path), "labels": labels}
+    sheet = read_annotator_sheet(path, list(config["scans"]))
+    return {"sheet": str(path), "labels": list(sheet["labels_path"])}
 
 
 def final_outputs():
