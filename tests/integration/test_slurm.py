@@ -40,7 +40,8 @@ SLURM_OVERRIDES = _merge(
     {
         "segmentation": {"method": "classical"},
         "grading": {"epochs": 1},
-        "pretrain": {"epochs": 1, "batch_size": 64},
+        # the reduced sheet has no unlabelled slide: pretrain on the train slides' crops
+        "pretrain": {"epochs": 1, "batch_size": 64, "pool": "unlabelled+train"},
         "finetune": {
             "n_folds": 2,
             "recipes": {"baseline": {"epochs": 1}, "pretrained": {"epochs": 1}},
