@@ -112,9 +112,11 @@ def segment(slide: Path, tubules: Path, out_labels: Path, model: Optional[Path] 
     """Tiled nucleus segmentation inside the tubules -> label store."""
     from .segment import stage
 
-    seg = _config(config)["segmentation"]
+    cfg = _config(config)
+    seg = cfg["segmentation"]
     _run(stage.segment, slide, tubules, str(model) if model else None, out_labels, method=seg["method"],
-         tile=seg["tile"], overlap=seg["overlap"], diameter=seg["diameter"], threads=threads)
+         tile=seg["tile"], overlap=seg["overlap"], diameter=seg["diameter"], threads=threads,
+         region_classes=cfg["annotations"]["region_classes"])
 
 
 @app.command()
@@ -130,7 +132,8 @@ def cells(labels: Path, slide: Path, tubules: Path, out: Path, points: Optional[
     _run(lambda: {"cells": len(stage.cells(labels, slide, tubules, points, out, slide_id=slide.name.split(".")[0],
                                             classes=cfg["classes"], match_radius_px=seg["match_radius_px"],
                                             out_points=out.with_name(f"{out.stem}.points.csv") if points else None,
-                                            min_points_on_nuclei=seg["min_points_on_nuclei"]))})
+                                            min_points_on_nuclei=seg["min_points_on_nuclei"],
+                                            region_classes=cfg["annotations"]["region_classes"]))})
 
 
 @app.command()

@@ -92,3 +92,50 @@ def load_config(path: str | os.PathLike) -> dict:
     except yaml.YAMLError as e:
         raise CellstageError(f"{path}: not valid YAML: {e}") from None
     return validate_config(data, where=str(path))
+
+
+SHEET_SCHEMA_NAME = "slides.schema.yaml"
+
+
+def check_sheet_columns(sheet, path: str | os.PathLike):
+    """The slide sheet ``sheet`` (a DataFrame read from ``path``) with every optional column of
+    ``workflow/schemas/slides.schema.yaml`` present (an absent one is added empty, so a sheet
+    without e.g. ``grades`` reads as "no grades" rather than raising a KeyError).
+
+    A column the schema does not know (a typo such as ``grade`` for ``grades``, which would
+    otherwise switch a stage off without a word) or a missing required column raises a
+    :class:`CellstageError` naming the sheet, the column and the closest valid name.
+    Called by the workflow at start-up (workflow/rules/common.smk).
+    """
+    import difflib
+
+    import yaml
+
+    schema = yaml.safe_load((schema_path().parent / SHEET_SCHEMA_NAME).read_text())
+    valid = list(schema["properties"])
+    required = list(schema.get("required", []))
+    sheet = sheet.rename(columns=lambda c: str(c).strip())
+    problems = []
+    for col in sheet.columns:
+        if col in valid:
+            continue
+        by_case = [v for v in valid if v.lower() == col.lower()]
+        close = by_case or difflib.get_close_matches(col, valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "remove it or fix its name"
+        problems.append(f"unknown column {col!r}: {hint}")
+    dup = sorted({c for c in sheet.columns if list(sheet.columns).count(c) > 1})
+    problems += [f"column {c!r} appears more than once" for c in dup]
+    missing = [c for c in required if c not in sheet.columns]
+    if missing:
+        problems.append(f"missing required column(s) {missing}")
+    if problems:
+        raise CellstageError(
+            f"{path}: invalid slide sheet header:\n  "
+            + "\n  ".join(problems)
+            + f"\n  (the tab-separated columns are {valid}, defined in workflow/schemas/{SHEET_SCHEMA_NAME}; "
+            f"required: {required})"
+        )
+    for col in valid:
+        if col not in sheet.columns:
+            sheet[col] = ""
+    return sheet

@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 # the checkout's package (as workflow/scripts/_src_path.py does for the rule scripts)
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from cellstage.config import check_config
+from cellstage.config import check_config, check_sheet_columns
 from cellstage.report.annotators import read_annotator_sheet
 from cellstage.train.grid import experiments as grid_experiments
 from cellstage.training.folds import check_split_leaks
@@ -21,6 +21,7 @@ def _load_sheet(path):
     if not Path(path).is_file():
         raise ValueError(f"config 'samples': slide sheet {path} not found")
     sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#", keep_default_na=False)
+    sheet = check_sheet_columns(sheet, path)  # unknown/misspelled columns refused; absent optional ones added
     for col in ("mpp",):
         if col in sheet:
             sheet[col] = pd.to_numeric(sheet[col].replace("", None), errors="raise")

@@ -52,5 +52,7 @@ rule map_cells:
     resources:
         mem_mb=scaled(3000),
         runtime=scaled(30),
+    params:
+        region_classes=config["annotations"]["region_classes"],
     script:
         "../scripts/map_cells.py"

@@ -58,6 +58,7 @@ rule segment:
         tile=config["segmentation"]["tile"],
         overlap=config["segmentation"]["overlap"],
         diameter=config["segmentation"]["diameter"],
+        region_classes=config["annotations"]["region_classes"],
     script:
         "../scripts/segment.py"
 
@@ -88,5 +89,6 @@ rule cells:
         classes=config["classes"],
         match_radius_px=config["segmentation"]["match_radius_px"],
         min_points_on_nuclei=config["segmentation"]["min_points_on_nuclei"],
+        region_classes=config["annotations"]["region_classes"],
     script:
         "../scripts/cells.py"

@@ -16,4 +16,5 @@ with redirect_output(snakemake.log[0]):
         classes=snakemake.params.classes,
         match_radius_px=snakemake.params.match_radius_px,
         min_points_on_nuclei=snakemake.params.min_points_on_nuclei,
+        region_classes=snakemake.params.region_classes,
     )

@@ -17,4 +17,5 @@ with redirect_output(snakemake.log[0]):
         out_tubules=snakemake.output.tubules,
         out_points=snakemake.output.points,
         out_outside=snakemake.output.outside,
+        region_classes=snakemake.params.region_classes,
     )

@@ -14,4 +14,5 @@ with redirect_output(snakemake.log[0]):
         overlap=snakemake.params.overlap,
         diameter=snakemake.params.diameter,
         threads=snakemake.threads,
+        region_classes=snakemake.params.region_classes,
     )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from ..io.annotations import read_points, read_polygons, write_cells_geojson
+from ..io.annotations import read_points, read_regions, write_cells_geojson
 from ..io.labels import open_labels
 from ..io.slides import ZarrSlide
 from ..taxonomy import Taxonomy
@@ -23,7 +23,7 @@ log = logging.getLogger("cellstage.cells")
 
 def cells(labels_path, slide_path, tubules_path, points_path, out_cells, *, geojson=None, out_points=None,
           slide_id: str, classes: Sequence[str], match_radius_px: float,
-          min_points_on_nuclei: float | None = None) -> pd.DataFrame:
+          min_points_on_nuclei: float | None = None, region_classes: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per nucleus (morphology, tubule, distance to the tubule wall, annotated class), then
     one per annotated point that matched no nucleus (``anchor = "point"``: cropped at the point).
 
@@ -32,9 +32,11 @@ def cells(labels_path, slide_path, tubules_path, points_path, out_cells, *, geoj
     (:data:`cellstage.cells.POINT_COLUMNS`; ``status`` nucleus / point / outside); points outside
     the slide are listed there and in the log, never cropped. Below ``min_points_on_nuclei``
     (share of the in-slide points matched to a segmented nucleus) the log warns, with advice.
+    ``region_classes``: classes of the ``tubules_path`` polygons used as tubules (config
+    ``annotations.region_classes``; None = every class).
     """
     slide = ZarrSlide(slide_path)
-    rois = read_polygons(tubules_path)
+    rois = read_regions(tubules_path, classes=region_classes)
     points = read_points(points_path) if points_path else None
     if points is not None:
         taxonomy = Taxonomy(tuple(classes))

@@ -7,9 +7,11 @@ GeoJSON export.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ import pandas as pd
 from ..utils import CellstageError, atomic_path
 
 _UUID_NS = uuid.UUID("6f1d3c1e-8c3b-4c7e-9a59-3f1e2b7c0d11")
+log = logging.getLogger("cellstage.io")
+REGION_CLASSES_KEY = "annotations.region_classes"
 
 
 # --------------------------------------------------------------------------- reading
@@ -65,16 +69,19 @@ def read_polygons(
     classification: str | None = None,
     multipolygon: str = "largest",
     repair: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> list[tuple[str, shapely.Polygon]]:  # noqa: F821
     """(roi_id, Polygon) for every Polygon/MultiPolygon feature of a QuPath GeoJSON.
 
     * roi id = ``properties.name``, else the feature index; duplicates get ``_<index>``.
-    * ``multipolygon="largest"`` keeps the largest part (id unchanged); ``"each"`` yields
-      every part as ``<id>_<k>``.
-    * invalid polygons are repaired with ``shapely.make_valid`` (largest polygonal part) when
-      ``repair``; otherwise, or if nothing polygonal is left, a CellstageError names the feature.
+    * ``multipolygon="largest"`` keeps the largest part (id unchanged) and logs a warning naming
+      the feature and the parts dropped; ``"each"`` yields every part as ``<id>_<k>``.
+    * invalid polygons (e.g. a self-intersecting "bow-tie") are repaired with
+      ``shapely.make_valid`` when ``repair``, with a warning naming the feature and the reason;
+      otherwise, or if nothing polygonal is left, a CellstageError names the feature.
     * features with other geometry types (points, lines) are skipped; ``classification``
-      keeps only features with that class name.
+      keeps only features with that class name, ``classes`` only those whose class name is in
+      the list (``""`` = unclassified).
     """
     import shapely
     from shapely.geometry import MultiPolygon, Polygon, shape
@@ -90,6 +97,8 @@ def read_polygons(
             continue
         props = f.get("properties") or {}
         if classification is not None and _class_name(props) != classification:
+            continue
+        if classes is not None and _class_name(props) not in classes:
             continue
         rid = _feature_name(f, i)
         if rid in seen:
@@ -110,14 +119,107 @@ def read_polygons(
             if not polys:
                 raise CellstageError(
                     f"{path}: feature {rid!r} (index {i}) is an invalid polygon ({reason}) "
-                    f"that cannot be repaired into a polygon"
+                    f"that cannot be repaired into a polygon; redraw it in QuPath"
                 )
             g = MultiPolygon(polys) if len(polys) > 1 else polys[0]
+            log.warning(
+                "%s: feature %r (index %d) is an invalid polygon (%s); repaired by make_valid into "
+                "%d part(s), %.0f px² in all; check the outline in QuPath",
+                path,
+                rid,
+                i,
+                reason,
+                len(polys),
+                g.area,
+            )
         parts = _polygon_parts(g)
+        if not parts:
+            raise CellstageError(f"{path}: feature {rid!r} (index {i}) has no area (a degenerate polygon)")
         if multipolygon == "largest" or len(parts) == 1:
-            out.append((rid, max(parts, key=lambda p: p.area)))
+            keep = max(parts, key=lambda p: p.area)
+            if len(parts) > 1:
+                log.warning(
+                    "%s: feature %r (index %d) has %d parts; only the largest (%.0f of %.0f px²) is kept",
+                    path,
+                    rid,
+                    i,
+                    len(parts),
+                    keep.area,
+                    sum(p.area for p in parts),
+                )
+            out.append((rid, keep))
         else:
             out.extend((f"{rid}_{k}", p) for k, p in enumerate(parts))
+    return out
+
+
+def read_regions(
+    path: str | os.PathLike, *, classes: Sequence[str] | None = None, key: str = REGION_CLASSES_KEY
+) -> list[tuple[str, shapely.Polygon]]:  # noqa: F821
+    """The ROI polygons (tubules) of one slide: every polygonal part of every feature whose class
+    name is in ``classes`` (config ``annotations.region_classes``; ``""`` = unclassified;
+    ``None`` = every class).
+
+    Nothing is dropped silently: a multi-part feature yields every part (``<id>_<k>``) with a
+    warning, an invalid (self-intersecting) one is repaired by ``shapely.make_valid`` keeping all
+    parts, with a warning; polygons of other classes (e.g. a "Tissue" outline) are skipped with a
+    warning naming them. A file with no polygon at all, or none of ``classes``, raises a
+    :class:`CellstageError` naming the file, the classes found and ``key``.
+    """
+    from shapely.geometry import shape
+
+    path = Path(path)
+    feats = _load_features(path)
+    poly_feats = [
+        (i, f) for i, f in enumerate(feats) if (f.get("geometry") or {}).get("type") in ("Polygon", "MultiPolygon")
+    ]
+    if not poly_feats:
+        kinds = sorted({str((f.get("geometry") or {}).get("type")) for f in feats})
+        raise CellstageError(
+            f"{path}: no polygons in the ROI (tubules) file ({len(feats)} feature(s)"
+            + (f" of type {', '.join(kinds)}" if kinds else "")
+            + "); export the tubule outlines from QuPath as Polygon annotations"
+        )
+    out = read_polygons(path, multipolygon="each", classes=classes)
+    if classes is not None:
+        skipped = [
+            (_feature_name(f, i), _class_name(f.get("properties") or {}))
+            for i, f in poly_feats
+            if _class_name(f.get("properties") or {}) not in classes
+        ]
+        if skipped and not out:
+            found = sorted({c for _, c in skipped})
+            raise CellstageError(
+                f"{path}: none of the {len(skipped)} polygon(s) has a class in {key} {list(classes)} "
+                f"(classes found: {found}; '' = unclassified); add the tubule class to {key}"
+            )
+        if skipped:
+            listed = ", ".join(f"{n!r} ({c or 'unclassified'})" for n, c in skipped[:10])
+            log.warning(
+                "%s: %d polygon(s) not used as regions, their class is not in %s %s: %s%s",
+                path,
+                len(skipped),
+                key,
+                list(classes),
+                listed,
+                " ..." if len(skipped) > 10 else "",
+            )
+    multi = {}
+    for i, f in poly_feats:
+        if classes is not None and _class_name(f.get("properties") or {}) not in classes:
+            continue
+        try:
+            g = shape(f["geometry"])
+        except Exception:  # read_polygons has already raised on malformed geometry
+            continue
+        if g.is_valid and len(_polygon_parts(g)) > 1:
+            multi[_feature_name(f, i)] = len(_polygon_parts(g))
+    if multi:
+        log.warning(
+            "%s: multi-part feature(s) %s: every part is kept as its own region (<id>_<k>)",
+            path,
+            ", ".join(f"{n!r} ({k} parts)" for n, k in multi.items()),
+        )
     return out
 
 
@@ -169,13 +271,16 @@ def read_points(path: str | os.PathLike) -> pd.DataFrame:
         for col in ("x", "y", "label"):
             if col not in df.columns:
                 raise CellstageError(
-                    f"{path}: missing column {col!r} (points tables need columns x, y, label; "
-                    f"found {list(df.columns)})"
+                    f"{path}: missing column {col!r} (points tables need columns x, y, label; found {list(df.columns)})"
                 )
         try:
-            df = pd.DataFrame({"x": pd.to_numeric(df["x"]).astype(float),
-                               "y": pd.to_numeric(df["y"]).astype(float),
-                               "label": df["label"].astype(str)})
+            df = pd.DataFrame(
+                {
+                    "x": pd.to_numeric(df["x"]).astype(float),
+                    "y": pd.to_numeric(df["y"]).astype(float),
+                    "label": df["label"].astype(str),
+                }
+            )
         except (ValueError, TypeError) as e:
             raise CellstageError(f"{path}: non-numeric x/y value ({e})") from e
     df["x"] = df["x"].astype(float)
@@ -221,9 +326,11 @@ def write_cells_geojson(
     if prob_col is not None and prob_col not in cells.columns:
         raise CellstageError(f"{path}: cells table lacks probability column {prob_col!r}")
     skip = {label_col, geometry_col, prob_col}
-    num_cols = [c for c in cells.columns
-                if c not in skip and pd.api.types.is_numeric_dtype(cells[c])
-                and not pd.api.types.is_bool_dtype(cells[c])]
+    num_cols = [
+        c
+        for c in cells.columns
+        if c not in skip and pd.api.types.is_numeric_dtype(cells[c]) and not pd.api.types.is_bool_dtype(cells[c])
+    ]
     has_geom = geometry_col in cells.columns
     has_label = label_col in cells.columns
     feats = []
@@ -251,19 +358,26 @@ def write_cells_geojson(
         props: dict = {"objectType": "detection", "isLocked": False}
         cid = r.get(id_col, i)
         props["name"] = str(cid)
-        label = str(r[label_col]) if has_label and r[label_col] is not None and not (
-            isinstance(r[label_col], float) and math.isnan(r[label_col])) else ""
+        label = (
+            str(r[label_col])
+            if has_label
+            and r[label_col] is not None
+            and not (isinstance(r[label_col], float) and math.isnan(r[label_col]))
+            else ""
+        )
         if label:
             if label not in colors:
                 colors[label] = _class_color(label)
             props["classification"] = {"name": label, "color": _rgb(colors[label])}
         props["measurements"] = meas
-        feats.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(_UUID_NS, f"{path.name}:{cid}")),
-            "geometry": geom,
-            "properties": props,
-        })
+        feats.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid5(_UUID_NS, f"{path.name}:{cid}")),
+                "geometry": geom,
+                "properties": props,
+            }
+        )
     fc = {"type": "FeatureCollection", "features": feats}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(fc, ensure_ascii=False))
@@ -275,8 +389,9 @@ def _rgb(packed: int) -> list[int]:
     return [(v >> 16) & 255, (v >> 8) & 255, v & 255]
 
 
-def write_polygons_geojson(polygons, path, *, classification: str | None = None,
-                           object_type: str = "annotation") -> None:
+def write_polygons_geojson(
+    polygons, path, *, classification: str | None = None, object_type: str = "annotation"
+) -> None:
     """(roi_id, Polygon) list -> QuPath annotation FeatureCollection (inverse of read_polygons)."""
     from shapely.geometry import mapping
 
@@ -285,8 +400,14 @@ def write_polygons_geojson(polygons, path, *, classification: str | None = None,
         props = {"objectType": object_type, "name": str(rid)}
         if classification:
             props["classification"] = {"name": classification}
-        feats.append({"type": "Feature", "id": str(uuid.uuid5(_UUID_NS, f"roi:{rid}")),
-                      "geometry": mapping(poly), "properties": props})
+        feats.append(
+            {
+                "type": "Feature",
+                "id": str(uuid.uuid5(_UUID_NS, f"roi:{rid}")),
+                "geometry": mapping(poly),
+                "properties": props,
+            }
+        )
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
@@ -320,8 +441,9 @@ def write_points_geojson(points: pd.DataFrame, path, *, properties=(), color: bo
                 props[c] = str(v)
         if meas:
             props["measurements"] = {k: v for k, v in meas.items() if v is not None}
-        feats.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [float(x), float(y)]},
-                      "properties": props})
+        feats.append(
+            {"type": "Feature", "geometry": {"type": "Point", "coordinates": [float(x), float(y)]}, "properties": props}
+        )
     write_features(feats, path)
     return len(feats)
 
@@ -343,6 +465,45 @@ def class_name(properties: dict) -> str:
 
 
 # --------------------------------------------------------------------------- checks
+def drop_outside(
+    points: pd.DataFrame, dimensions, path, *, slide: str | None = None, what: str = "points"
+) -> pd.DataFrame:
+    """The rows of ``points`` (columns ``x, y``) inside the image ``dimensions=(width, height)``.
+
+    Points outside (not 0 <= x < width and 0 <= y < height) are excluded, never cropped as white,
+    and a warning lists each (row number, x, y) with ``path`` and ``slide``. If every point is
+    outside, a :class:`CellstageError` says so (the file is for another slide or frame).
+    """
+    try:
+        xy = points[["x", "y"]].astype(float)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CellstageError(f"{path}: {what} need numeric columns x and y ({type(e).__name__}: {e})") from None
+    bad = ~np.isfinite(xy.to_numpy()).all(axis=1)
+    if bad.any():
+        rows = [int(i) + 2 for i in np.flatnonzero(bad)[:10]]  # line 1 = header
+        raise CellstageError(f"{path}: {what} with missing/non-finite x or y in row(s) {rows}")
+    ids = check_inside(xy, dimensions, path, raise_error=False)
+    if not ids:
+        return points
+    W, H = dimensions
+    where = f"{path}" + (f" (slide {slide})" if slide else "")
+    listed = _listed_points(xy, ids)
+    if len(ids) == len(points):
+        raise CellstageError(
+            f"{where}: all {len(ids)} {what} (index, x, y) lie outside the image ({W}x{H} px): {listed}. Are the "
+            f"annotations for another slide or in another coordinate frame (level-0 px, x = column)?"
+        )
+    log.warning(
+        "%s: %d %s (index, x, y) outside the image (%dx%d px) are excluded: %s", where, len(ids), what, W, H, listed
+    )
+    return points.drop(index=ids)
+
+
+def _listed_points(df: pd.DataFrame, ids: list, n: int = 10) -> str:
+    shown = ", ".join(f"{i} ({df.at[i, 'x']:g}, {df.at[i, 'y']:g})" for i in ids[:n])
+    return shown + (" ..." if len(ids) > n else "")
+
+
 def check_inside(points_or_polygons, dimensions, path, *, raise_error: bool = True) -> list:
     """Annotations lying (partly) outside the image ``dimensions=(width, height)``.
 
@@ -366,7 +527,10 @@ def check_inside(points_or_polygons, dimensions, path, *, raise_error: bool = Tr
         ids = [rid for rid, g in points_or_polygons if not frame.covers(g)]
         what = "polygons"
     if ids and raise_error:
-        shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+        if what == "points":
+            shown = _listed_points(points_or_polygons, ids)
+        else:
+            shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
         raise CellstageError(
             f"{path}: {len(ids)} {what} lie outside the image ({W}x{H} px): {shown}. "
             f"Are the annotations for another slide or in another coordinate frame/scan?"

@@ -21,10 +21,12 @@ def train_grader(slide_paths, grade_paths, out_dir: str | os.PathLike, *, backbo
                  batch_size: int, loss_weights: dict, size: int, seed: int, threads: int | None,
                  devices: int) -> dict:
     """Train the grader on crops of ``size`` px cut at the graded points (``grade_paths``: CSV with
-    x, y, grade per slide of ``slide_paths``). ``devices`` > 1: DDP. The resume checkpoint lives
-    next to ``out_dir`` (``<out_dir>.checkpoints/``), not in it: Snakemake deletes a failed job's
-    ``directory()`` output as a whole."""
+    x, y, grade per slide of ``slide_paths``; graded points outside their slide are excluded with a
+    warning listing them, a file with every point outside is an error). ``devices`` > 1: DDP. The
+    resume checkpoint lives next to ``out_dir`` (``<out_dir>.checkpoints/``), not in it: Snakemake
+    deletes a failed job's ``directory()`` output as a whole."""
     from ..crops import crops_at_points
+    from ..io.annotations import drop_outside
     from ..io.slides import ZarrSlide
     from .grader import train_grader as _train
 
@@ -34,7 +36,9 @@ def train_grader(slide_paths, grade_paths, out_dir: str | os.PathLike, *, backbo
         missing = {"x", "y", "grade"} - set(table.columns)
         if missing:
             raise CellstageError(f"{gp}: missing column(s) {sorted(missing)} (expected x, y, grade)")
-        crops.append(crops_at_points(ZarrSlide(sp), table["x"].to_numpy(), table["y"].to_numpy(), int(size)))
+        slide = ZarrSlide(sp)
+        table = drop_outside(table, slide.dimensions, gp, slide=Path(sp).name, what="graded points")  # no white crops
+        crops.append(crops_at_points(slide, table["x"].to_numpy(), table["y"].to_numpy(), int(size)))
         grades.append(table["grade"].to_numpy())
     set_torch_threads(threads)
     return _train(

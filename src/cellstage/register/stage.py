@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..io.annotations import read_points, read_polygons, write_points_geojson, write_polygons_geojson
+from ..io.annotations import read_points, read_regions, write_points_geojson, write_polygons_geojson
 from ..io.labels import create_labels, open_labels
 from ..io.slides import ZarrSlide
 from ..utils import atomic_path, write_json
@@ -59,7 +60,8 @@ def register(ref_path, mov_path, out_json, out_png, *, n_features: int, ransac_t
 
 
 def map_cells(registration_json, ref_cells, ref_labels, mov_slide_path, out_cells, out_labels, *, slide_id: str,
-              tubules=None, points=None, out_tubules=None, out_points=None, out_outside=None) -> pd.DataFrame:
+              tubules=None, points=None, out_tubules=None, out_points=None, out_outside=None,
+              region_classes: Sequence[str] | None = None) -> pd.DataFrame:
     """Cells, labels and annotations of the reference scan mapped onto the moving scan
     ``mov_slide_path`` through its own registration ``registration_json``.
 
@@ -69,7 +71,8 @@ def map_cells(registration_json, ref_cells, ref_labels, mov_slide_path, out_cell
     of ``out_cells``), and every such cell, point annotation or tubule is listed in
     ``out_outside`` (kind, id, label, source and mapped coordinates; see
     :func:`cellstage.register.mapping.outside_report`) and counted in the log.
-    Mapped tubules and points are written as QuPath GeoJSON in the target slide's level-0 px.
+    Mapped tubules and points are written as QuPath GeoJSON in the target slide's level-0 px;
+    ``region_classes`` (config ``annotations.region_classes``; None = every class) picks the tubules.
     """
     reg = json.loads(Path(registration_json).read_text())
     mov = ZarrSlide(mov_slide_path)
@@ -103,7 +106,7 @@ def map_cells(registration_json, ref_cells, ref_labels, mov_slide_path, out_cell
             mp = pts.iloc[0:0]
         write_points_geojson(mp, out_points)
     if out_tubules:
-        polys = map_polygons(read_polygons(tubules), H) if ok and tubules else []
+        polys = map_polygons(read_regions(tubules, classes=region_classes), H) if ok and tubules else []
         write_polygons_geojson(polys, out_tubules, classification="Tubule")
         off_tubules = polys
     if out_outside:

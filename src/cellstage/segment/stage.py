@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..io.annotations import check_inside, read_polygons
+from ..io.annotations import check_inside, read_regions
 from ..io.labels import create_labels
 from ..io.slides import ZarrSlide
 from ..utils import CellstageError, atomic_path, set_torch_threads
@@ -100,8 +101,11 @@ def ap_frame(result: dict) -> pd.DataFrame:
 
 
 def segment(slide_path, tubules_path, model_path, out_labels, *, method: str, tile: int, overlap: int,
-            diameter: float | None, threads: int) -> dict:
+            diameter: float | None, threads: int, region_classes: Sequence[str] | None = None) -> dict:
     """Nucleus labels of one slide inside its tubules, written to the label store ``out_labels``.
+
+    ``region_classes``: classes of the ``tubules_path`` polygons used as regions (config
+    ``annotations.region_classes``; None = every class), read by :func:`cellstage.io.annotations.read_regions`.
 
     ``method`` "cellpose" (``model_path`` = the trained model file) or "classical" (the
     colour-deconvolution fallback; ``model_path`` unused and torch never imported).
@@ -111,7 +115,7 @@ def segment(slide_path, tubules_path, model_path, out_labels, *, method: str, ti
     if method not in ("cellpose", "classical"):
         raise CellstageError(f"segmentation.method: unknown {method!r}; expected 'cellpose' or 'classical'")
     slide = ZarrSlide(slide_path)
-    rois = read_polygons(tubules_path)
+    rois = read_regions(tubules_path, classes=region_classes)
     check_inside(rois, slide.dimensions, tubules_path)
     classical = method == "classical"
     if not classical:  # the classical fallback never loads torch (~0.8 GB of RSS for the CUDA build)

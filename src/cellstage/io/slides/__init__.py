@@ -24,6 +24,11 @@ Conventions (identical for every backend):
   one a :class:`CellstageError` asks to add ``mpp`` to the slide sheet.
 * Every failure (missing file, unknown format, truncated/corrupt file, zero-size level, a
   backend exception while reading) raises :class:`CellstageError` naming the file.
+* Pixels: samples other than uint8 are scaled to 0..255 by one rule per slide
+  (:meth:`~.base.Slide.white_level`: 12-bit data in uint16 by 4095, floats in 0..1 by 255, other
+  float ranges refused); OpenSlide is never used for >8-bit or float TIFFs (it keeps the high
+  byte). More than 3 channels (unless the 4th is a declared alpha) are refused: there is no
+  setting to pick channels.
 """
 
 from __future__ import annotations
@@ -92,7 +97,17 @@ def _check_tiff_integrity(path: Path) -> dict:
     tlog.setLevel(logging.ERROR)  # tifffile warns about bad offsets; we raise our own message
     try:
         with tifffile.TiffFile(path) as tf:
-            info = {"is_ome": bool(tf.is_ome), "subifds": "SubIFDs" in tf.pages[0].tags}
+            p0 = tf.pages[0]
+            info = {"is_ome": bool(tf.is_ome), "subifds": "SubIFDs" in p0.tags,
+                    "samples": int(getattr(p0, "samplesperpixel", 1) or 1),
+                    "bits": int(getattr(p0, "bitspersample", 8) or 8),
+                    "float": int(getattr(p0, "sampleformat", 1) or 1) == 3,
+                    "alpha": tuple(int(e) for e in (getattr(p0, "extrasamples", ()) or ())) in ((1,), (2,))}
+            try:  # OME-TIFF: one plane per channel; a series tifffile cannot parse is left to the backends
+                ser = dict(zip(tf.series[0].axes, tf.series[0].shape)) if tf.series else {}
+                info["channels"] = int(ser.get("S", 1)) * int(ser.get("C", 1))
+            except Exception:  # pragma: no cover
+                pass
             pages = list(tf.pages)
             if not pages:
                 raise CellstageError(f"{path}: TIFF file contains no image (truncated or corrupt?)")
@@ -122,6 +137,31 @@ def _check_tiff_integrity(path: Path) -> dict:
     finally:
         tlog.setLevel(level)
     return info
+
+
+def _check_tiff_pixels(path: Path, tinfo: dict, backend: str | None) -> None:
+    """Refuse what would silently lose pixels: more than 3 samples per pixel (unless the 4th is a
+    declared alpha), and OpenSlide asked for >8-bit or float samples (libtiff's RGBA interface
+    keeps only the high byte: 12-bit data comes out nearly black)."""
+    n = tinfo["samples"]
+    if tinfo.get("channels", n) > max(n, 3):  # channels stored as separate planes (OME-TIFF C axis)
+        raise CellstageError(
+            f"{path}: {tinfo['channels']} channels (planes of the first image series); cellstage reads brightfield "
+            "RGB (3 channels, or RGB + alpha) only and has no setting to pick channels: export the slide as RGB "
+            "(e.g. from QuPath or Fiji) and list that file in the slide sheet"
+        )
+    if n > 3 and not (n == 4 and tinfo["alpha"]):
+        raise CellstageError(
+            f"{path}: {n} samples per pixel; cellstage reads brightfield RGB (3 channels, or RGB + alpha) only and "
+            "has no setting to pick channels: export the slide as RGB (e.g. from QuPath or Fiji) and list that "
+            "file in the slide sheet"
+        )
+    if backend == "openslide" and (tinfo["bits"] != 8 or tinfo["float"]):
+        kind = "float" if tinfo["float"] else f"{tinfo['bits']}-bit"
+        raise CellstageError(
+            f"{path}: {kind} samples, which OpenSlide reduces to their high byte (dark or black pixels); "
+            "leave the slide sheet's `backend` empty or set it to tifffile"
+        )
 
 
 def choose_backend(path: str | os.PathLike) -> str:
@@ -177,6 +217,9 @@ def open_slide(path: str | os.PathLike, backend: str | None = None, mpp: float |
         tinfo = _check_tiff_integrity(p)
         if backend is None and chosen == "openslide" and (tinfo["is_ome"] or tinfo["subifds"]):
             chosen = "tifffile"  # OpenSlide sees only level 0 (and no mpp) of OME/SubIFD pyramids
+        _check_tiff_pixels(p, tinfo, backend)
+        if not (tinfo["bits"] == 8 and not tinfo["float"]) and chosen == "openslide":
+            chosen = "tifffile"  # OpenSlide (libtiff RGBA) keeps only the high byte of >8-bit samples
 
     if backend:
         candidates = [backend]
@@ -186,6 +229,8 @@ def open_slide(path: str | os.PathLike, backend: str | None = None, mpp: float |
         candidates = [chosen, "slideio"]
     else:
         candidates = [chosen] + [b for b in ("openslide", "tiffslide", "tifffile") if b != chosen]
+        if tinfo["bits"] != 8 or tinfo["float"]:
+            candidates = [b for b in candidates if b != "openslide"]
     if not backend and bioformats_available():
         candidates.append("bioformats")  # last resort; skipped below if another backend read the file
     errors = []

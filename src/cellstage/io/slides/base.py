@@ -7,6 +7,7 @@ in the package docstring (:mod:`cellstage.io.slides`); :meth:`Slide.read_region`
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ...utils import CellstageError
+
+log = logging.getLogger("cellstage.io")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -29,16 +32,42 @@ def _white(h: int, w: int) -> np.ndarray:
     return np.full((h, w, 3), 255, dtype=np.uint8)
 
 
-def _to_rgb(arr: np.ndarray) -> np.ndarray:
-    """(h, w, c) any channel count/dtype -> (h, w, 3) uint8."""
+# integer bit depths tried, in order, when the metadata gives none below the container's bits
+_PROBE_DEPTHS = (10, 12, 14, 16, 32, 64)
+_PROBE_MAX_SIDE = 4096  # the pixel-range probe reads at most this window of the smallest level
+
+
+def _to_uint8(a: np.ndarray, white: float) -> np.ndarray:
+    """Samples scaled linearly so that 0 -> 0 and ``white`` -> 255 (rounded; outside -> clipped)."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind == "b":
+        return a.astype(np.uint8) * np.uint8(255)
+    f = a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.floating):
+        f = np.nan_to_num(f, nan=0.0, posinf=float(white), neginf=0.0)
+    f *= np.float32(255.0 / float(white))
+    np.clip(f, 0.0, 255.0, out=f)
+    return (f + np.float32(0.5)).astype(np.uint8)
+
+
+def _to_rgb(arr: np.ndarray, white: float | None = None, path=None) -> np.ndarray:
+    """(h, w, c) -> (h, w, 3) uint8. 1 channel -> grey, 2 -> (a, b, a), 3 -> RGB, 4 -> RGBA over
+    white; more than 4 channels raise a :class:`CellstageError` naming ``path``. Samples other
+    than uint8 scale linearly to 0..255 with ``white`` -> 255 (:meth:`Slide.white_level`; None =
+    the integer type's maximum, 1.0 for floats)."""
     a = np.asarray(arr)
     if a.ndim == 2:
         a = a[..., None]
+    if a.shape[2] > 4:
+        raise CellstageError(
+            f"{path}: {a.shape[2]} channels; cellstage reads brightfield RGB (3 channels, or RGBA) only and "
+            "has no setting to pick channels: export the slide as RGB and list that file in the slide sheet"
+        )
     if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.integer) and a.dtype.itemsize == 2:
-            a = (a >> 8).astype(np.uint8)
-        else:
-            a = np.clip(a, 0, 255).astype(np.uint8)
+        if white is None:
+            white = float(np.iinfo(a.dtype).max) if np.issubdtype(a.dtype, np.integer) else 1.0
+        a = _to_uint8(a, white)
     c = a.shape[2]
     if c == 1:
         return np.repeat(a, 3, axis=2)
@@ -73,6 +102,10 @@ class Slide:
         self._mpp_meta: float | None = None
         self._mpp_override = mpp_override
         self._lock = threading.Lock()
+        # significant bits of integer samples from the file's metadata (set by a backend; None =
+        # unknown); see white_level
+        self.bit_depth: int | None = None
+        self._white: dict[str, float] = {}
 
     # -- set by subclasses once levels are known
     def _finish_init(self) -> None:
@@ -141,7 +174,8 @@ class Slide:
                 f"{self.path}: reading region x={x} y={y} w={w} h={h} level={level} failed "
                 f"with {self.backend} (truncated or corrupt file?): {type(e).__name__}: {e}"
             ) from e
-        tile = _to_rgb(tile)
+        tile = np.asarray(tile)
+        tile = _to_rgb(tile, None if tile.dtype == np.uint8 else self.white_level(tile.dtype), self.path)
         if tile.shape[:2] != (y1 - y0, x1 - x0):
             raise CellstageError(
                 f"{self.path}: {self.backend} returned {tile.shape[:2]} for a "
@@ -152,6 +186,65 @@ class Slide:
         out = _white(h, w)
         out[y0 - ly: y1 - ly, x0 - lx: x1 - lx] = tile
         return out
+
+    def white_level(self, dtype) -> float:
+        """The sample value shown as 255 in the uint8 RGB of :meth:`read_region`, fixed per slide
+        and dtype (so every tile of a slide scales alike). The rule:
+
+        * integer samples: ``2**bits - 1``, ``bits`` from the file's metadata (``bit_depth``: TIFF
+          BitsPerSample or OME ``SignificantBits``, Bio-Formats bits per pixel) when that is below
+          the container's bits; otherwise the smallest of 10, 12, 14, 16 (.. the type's) bits that
+          holds the largest sample of the smallest pyramid level (at most a 4096² window of it):
+          a 12-bit camera's data in uint16 (max 4095) is scaled by 4095, not shifted by 8 bits.
+          Negative values show as 0.
+        * float samples: 1.0 when the smallest level lies within 0..1 (0-1 floats are scaled, not
+          clipped to black), 255.0 when within 0..255; other ranges are refused with an error.
+        """
+        dt = np.dtype(dtype)
+        key = dt.str
+        if key in self._white:
+            return self._white[key]
+        if dt == np.uint8:
+            white = 255.0
+        elif dt.kind == "b":
+            white = 1.0
+        elif np.issubdtype(dt, np.integer):
+            bits = np.iinfo(dt).bits - (1 if np.issubdtype(dt, np.signedinteger) else 0)
+            meta = self.bit_depth
+            if meta is not None and 0 < int(meta) < bits:
+                bits, how = int(meta), "metadata"
+            else:
+                top = self._probe_max()
+                bits = next((b for b in _PROBE_DEPTHS if b <= bits and top <= 2**b - 1), bits)
+                bits, how = max(bits, 8), f"largest sample {top:g} of level {self.level_count - 1}"
+            white = float(2**bits - 1)
+            self.metadata["cellstage.bit_depth"] = bits
+            log.info("%s: %s samples read as %d-bit (%s)", self.path, dt, bits, how)
+        elif np.issubdtype(dt, np.floating):
+            top = self._probe_max()
+            if top <= 1.0:
+                white = 1.0
+            elif top <= 255.0:
+                white = 255.0
+            else:
+                raise CellstageError(
+                    f"{self.path}: float samples up to {top:g} ({dt}); cellstage reads floats in 0..1 or "
+                    "0..255 only: convert the slide to 8-bit RGB and list that file in the slide sheet"
+                )
+        else:
+            raise CellstageError(f"{self.path}: sample type {dt} is not supported; convert the slide to 8-bit RGB")
+        self._white[key] = white
+        return white
+
+    def _probe_max(self) -> float:
+        """The largest finite sample of (a window of) the smallest level."""
+        level = self.level_count - 1
+        lw, lh = self.level_dimensions[level]
+        a = np.asarray(self._read(0, 0, min(lw, _PROBE_MAX_SIDE), min(lh, _PROBE_MAX_SIDE), level))
+        if a.ndim == 3 and a.shape[2] == 4:  # RGBA: the alpha channel is not a colour sample
+            a = a[..., :3]
+        a = a[np.isfinite(a)] if np.issubdtype(a.dtype, np.floating) else a
+        return float(a.max()) if a.size else 0.0
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
         best = 0

@@ -125,7 +125,8 @@ class BioFormatsSlide(Slide):
       ``NominalMagnification``; metadata: format, series/levels, the OME-XML (truncated) and up
       to 200 entries of the original (vendor) metadata.
     * Pixels: RGB planes (interleaved or planar), or the first three channel planes of
-      multichannel images, at Z = T = 0; 16-bit is reduced to 8-bit as for every backend.
+      multichannel images (at most 3; more are refused), at Z = T = 0; >8-bit samples are scaled
+      to 8-bit by their significant bits as for every backend (:meth:`Slide.white_level`).
       Indexed (palette) images return their indices.
     * Reads are serialised: Java readers are not thread-safe (each read also attaches the calling
       thread to the JVM and detaches it after).
@@ -180,7 +181,18 @@ class BioFormatsSlide(Slide):
         self._spp = max(1, int(rdr.getRGBChannelCount()))  # samples per plane (3 for RGB)
         self._interleaved = bool(rdr.isInterleaved())
         eff_c = max(1, int(rdr.getEffectiveSizeC()))
+        n_ch = self._spp if self._spp >= 3 else eff_c * self._spp
+        if n_ch > 4 or (n_ch == 4 and self._spp != 4):  # 4 interleaved samples = RGBA
+            raise CellstageError(
+                f"{self.path}: {n_ch} channels (Bio-Formats series {series}); cellstage reads brightfield RGB "
+                "(3 channels, or RGBA) only and has no setting to pick channels: export the slide as RGB and "
+                "list that file in the slide sheet"
+            )
         n_planes = 1 if self._spp >= 3 else min(eff_c, 3)
+        try:  # significant bits per sample (e.g. 12 for a 12-bit camera in uint16): Slide.white_level
+            self.bit_depth = int(rdr.getBitsPerPixel()) or None
+        except Exception:  # pragma: no cover - metadata only
+            self.bit_depth = None
         self._planes = [int(rdr.getIndex(0, c, 0)) for c in range(n_planes)]
         self._ro = rdr.o
         self._mpp_meta = _bf_length_um(jb, meta.getPixelsPhysicalSizeX(series))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...utils import CellstageError
 from .base import Slide, _tiff_mpp, _tiff_tags
 
 
@@ -39,7 +40,22 @@ class TiffFileSlide(Slide):
         self.metadata["tifffile.series_kind"] = ser.kind
         self.metadata["tifffile.axes"] = ser.axes
         self._mpp_meta, self.magnification = _tiff_mpp(self._tf, page)
+        self._check_channels(page, dict(zip(ser.axes, ser.shape)))
+        self.bit_depth = _significant_bits(self._tf, page)
         self._finish_init()
+
+    def _check_channels(self, page, shape: dict) -> None:
+        """Refuse more than 3 colour channels unless the 4th is a declared alpha (RGBA)."""
+        n = int(np.prod([shape.get(ax, 1) for ax in ("S", "C")]))
+        extra = tuple(getattr(page, "extrasamples", ()) or ())
+        rgba = n == 4 and shape.get("C", 1) == 1 and len(extra) == 1 and int(extra[0]) in (1, 2)
+        if n > 3 and not rgba:
+            self._tf.close()
+            raise CellstageError(
+                f"{self.path}: {n} channels (axes {''.join(shape)} {tuple(shape.values())}); cellstage reads "
+                "brightfield RGB (3 channels, or RGB + alpha) only and has no setting to pick channels: "
+                "export the slide as RGB (e.g. from QuPath or Fiji) and list that file in the slide sheet"
+            )
 
     def _read(self, lx, ly, w, h, level):
         arr, axes = self._arrays[level], self._axes[level]
@@ -63,3 +79,15 @@ class TiffFileSlide(Slide):
 
     def _close(self):
         self._tf.close()
+
+
+def _significant_bits(tf, page) -> int | None:
+    """Significant bits per integer sample from OME ``SignificantBits`` or TIFF BitsPerSample."""
+    import re
+
+    ome = getattr(tf, "ome_metadata", None) if getattr(tf, "is_ome", False) else None
+    m = re.search(r'SignificantBits="(\d+)"', ome or "")
+    if m:
+        return int(m.group(1))
+    bps = getattr(page, "bitspersample", None)
+    return int(bps) if isinstance(bps, (int, np.integer)) and bps > 0 else None
