@@ -273,7 +273,7 @@ def _sheet(cfg: dict):
 
 @app.command("export-uncertain")
 def export_uncertain(
-    experiment: Annotated[Path, typer.Argument(help="results/finetune/<scan>/<bg>/<backbone>/<init>/<dist>")],
+    experiment: Annotated[Path, typer.Argument(help="results/finetune/<scan>/<bg>/<backbone>/<init>/<dist>/<loss>")],
     out_dir: Path,
     n: Annotated[int, typer.Option("--n", help="cells per slide")] = 50,
     measure: Annotated[str, typer.Option(help="entropy or margin of the fold ensemble")] = "entropy",

@@ -172,6 +172,7 @@ def test_a_backbone_name_with_dashes_and_dots_is_its_own_path_part(tmp_path, dem
     config = base_config()
     backbone = "my-vit_small_patch16_224.augreg-in21k"
     config["finetune"]["grid"]["backbone"] = ["resnet18", backbone]
+    config["finetune"]["grid"]["loss"] = ["ce"]
     work = workdir(tmp_path, demo, config)
     out = snakemake(work, "-n")
 
@@ -181,8 +182,25 @@ def test_a_backbone_name_with_dashes_and_dots_is_its_own_path_part(tmp_path, dem
     assert f"results/pretrain/simclr/{backbone}/40x/backbone.safetensors" in weights
     metrics = [p for p in job_files(out, "finetune") if p.endswith("metrics.json")]
     assert len(metrics) == counts["finetune"] == 4 * config["finetune"]["n_folds"]
-    assert f"results/finetune/40x/bg/{backbone}/simclr/nodist/fold0/metrics.json" in metrics
-    assert f"results/finetune/40x/bg/{backbone}/scratch/nodist/fold0/metrics.json" in metrics
+    assert f"results/finetune/40x/bg/{backbone}/simclr/nodist/ce/fold0/metrics.json" in metrics
+    assert f"results/finetune/40x/bg/{backbone}/scratch/nodist/ce/fold0/metrics.json" in metrics
+
+
+def test_the_loss_axis_is_its_own_path_part_and_reaches_the_report(tmp_path, demo):
+    config = base_config()
+    config["finetune"]["grid"].update(init=["scratch"], loss=["ce", "soft", "ordinal"])
+    config["finetune"]["losses"] = {"soft": {"adjacent_share": 0.2}}
+    work = workdir(tmp_path, demo, config)
+    out = snakemake(work, "-n", "-p")
+    metrics = [p for p in job_files(out, "finetune") if p.endswith("metrics.json")]
+    assert len(metrics) == 3 * config["finetune"]["n_folds"]
+    for loss in ("ce", "soft", "ordinal"):
+        assert f"results/finetune/40x/bg/resnet18/scratch/nodist/{loss}/fold0/metrics.json" in metrics
+    assert "results/report/table_losses.md" in job_files(out, "report")
+    config["finetune"]["losses"] = {"soft": {"adjacent_share": 0.7}}
+    write_config(work, config)
+    with pytest.raises(AssertionError, match="adjacent_share"):
+        snakemake(work, "-n")
 
 
 def test_imagenet_init_reads_the_configured_weights_and_needs_no_pretraining(tmp_path, demo):

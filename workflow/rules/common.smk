@@ -86,8 +86,8 @@ def _ref_slide_of(section):
 
 # --- experiments: the union of the cross products of config finetune.grids (or finetune.grid) --
 # (cellstage.train.grid). Each field of an experiment is its own path part,
-#   results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/,
-# and its display name `{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}` is only ever built in
+#   results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/{loss}/fold{fold}/,
+# and its display name `{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}[-{loss}]` is only ever built in
 # the package, never split back into its fields (a timm backbone name may contain '-' or '.').
 def _experiments():
     return grid_experiments(config["finetune"], config["scans"])  # defaults filled by validate()
@@ -106,7 +106,7 @@ def finetune_dir(exp):
     """Output folder of one experiment (the fold folders lie inside)."""
     return (
         f"results/finetune/{exp['scan']}/{'bg' if exp['background'] else 'nobg'}/{exp['backbone']}/"
-        f"{exp['init']}/{'dist' if exp['distance'] else 'nodist'}"
+        f"{exp['init']}/{'dist' if exp['distance'] else 'nodist'}/{exp['loss']}"
     )
 
 
@@ -140,6 +140,7 @@ wildcard_constraints:
     init=_alt(sorted({e["init"] for e in EXPERIMENTS.values()})),
     method=_alt(sorted({run[0] for run in PRETRAIN_RUNS})),
     distance="dist|nodist",
+    loss=_alt(sorted({e["loss"] for e in EXPERIMENTS.values()})),
     fold=r"\d+",
 
 
@@ -298,6 +299,13 @@ def recipe_name(wildcards):
 def recipe_settings(wildcards):
     """Param: that recipe's numbers (config finetune.recipes.<recipe>), nothing else."""
     return dict(config["finetune"]["recipes"][recipe_name(wildcards)])
+
+
+def loss_settings(wildcards):
+    """Param: the settings of the {loss} wildcard (config finetune.losses.<loss>, defaults filled)."""
+    from cellstage.train.losses import check_loss
+
+    return check_loss(wildcards.loss, config["finetune"].get("losses", {}).get(wildcards.loss))
 
 
 def fold_files(exp, name):

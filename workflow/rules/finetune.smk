@@ -3,14 +3,14 @@ rule finetune:
     input:
         unpack(finetune_inputs),
     output:
-        metrics="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/metrics.json",
-        predictions="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/predictions.parquet",
-        history="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/history.csv",
-        embeddings="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}/embeddings.parquet",
+        metrics="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/{loss}/fold{fold}/metrics.json",
+        predictions="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/{loss}/fold{fold}/predictions.parquet",
+        history="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/{loss}/fold{fold}/history.csv",
+        embeddings="results/finetune/{scan}/{background}/{backbone}/{init}/{distance}/{loss}/fold{fold}/embeddings.parquet",
     log:
-        "results/logs/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}.log",
+        "results/logs/finetune/{scan}/{background}/{backbone}/{init}/{distance}/{loss}/fold{fold}.log",
     benchmark:
-        "results/benchmarks/finetune/{scan}/{background}/{backbone}/{init}/{distance}/fold{fold}.tsv"
+        "results/benchmarks/finetune/{scan}/{background}/{backbone}/{init}/{distance}/{loss}/fold{fold}.tsv"
     conda:
         "../envs/ml.yaml"
     threads: 1
@@ -26,6 +26,7 @@ rule finetune:
         n_folds=config["finetune"]["n_folds"],
         recipe=recipe_name,
         recipe_settings=recipe_settings,
+        loss_settings=loss_settings,
         batch_size=config["finetune"]["batch_size"],
         group_by=config["finetune"]["group_by"],
         augment=config["finetune"]["augment"],

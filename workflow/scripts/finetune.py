@@ -23,6 +23,8 @@ with redirect_output(snakemake.log[0]):
         init=snakemake.wildcards.init,
         recipe=snakemake.params.recipe,
         recipe_settings=dict(snakemake.params.recipe_settings),
+        loss=snakemake.wildcards.loss,  # ce, soft or ordinal (cellstage.train.losses)
+        loss_settings=dict(snakemake.params.loss_settings),
         batch_size=snakemake.params.batch_size,
         group_by=snakemake.params.group_by,
         augment=dict(snakemake.params.augment),  # stain jitter / Macenko (training/stain.py)

@@ -13,6 +13,9 @@
   (pretrained recipe) and baseline initialisations side by side per scan × backbone × distance,
   with the ``recipe`` column saying which recipe trained each row.
 
+All three keep the configurations trained with the paper's cross-entropy (``loss`` ``ce``); the
+ordinal-aware losses are compared in :mod:`cellstage.report.losses`.
+
 The appendix tables themselves are not in the text we have (ARCHITECTURE.md, "Reading the
 papers"); their shapes follow the sentences above.
 """
@@ -81,6 +84,8 @@ def paper_table(summary: pd.DataFrame, which: str) -> pd.DataFrame:
     if summary.empty:
         return summary.reindex(columns=[*keys, *[c for c in summary.columns if c not in keys]])
     rows = summary[select(summary)].copy()
+    if "loss" in rows.columns:  # the paper trains with cross-entropy; other losses: report.losses
+        rows = rows[rows["loss"] == "ce"]
     if which == "A7":  # baseline rows first within a (scan, backbone, distance) block
         rows["_baseline_first"] = ~rows["init"].isin(BASELINE_INITS)
         rows = rows.sort_values([*keys[:3], "_baseline_first", *keys[3:]], kind="stable")

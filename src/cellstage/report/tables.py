@@ -65,10 +65,10 @@ def mean_std_cell(row, split: str, metric: str) -> str:
     return "–" if pd.isna(mean) else f"{100 * mean:.1f} ± {100 * (0 if pd.isna(std) else std):.1f}"
 
 
-def markdown_table(summary: pd.DataFrame, *, best: str | None = None, columns=("init", "recipe")) -> str:
+def markdown_table(summary: pd.DataFrame, *, best: str | None = None, columns=("init", "recipe", "loss")) -> str:
     """Percentages as "mean ± std", validation then test, like the paper's appendix tables; the
-    configuration's ``columns`` (those present; default init and recipe, so baseline and
-    pretrained recipes read side by side) follow its name."""
+    configuration's ``columns`` (those present; default init, recipe and loss, so baseline and
+    pretrained recipes, and the losses, read side by side) follow its name."""
     shown = [c for c in columns if c in summary.columns]
     head = ["Configuration", *shown] + [f"{s} {METRIC_NAMES[m]}" for s in SPLITS for m in METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

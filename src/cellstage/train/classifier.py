@@ -14,6 +14,11 @@ rate from the epoch number alone. A frozen backbone is in eval mode (BatchNorm s
 and its gradients are dropped before the optimiser step (no update, no AdamW state, no weight
 decay); they are still computed, so DDP sees every parameter used.
 
+Loss (``loss``, ``loss_settings``; :mod:`cellstage.train.losses`): cross-entropy (``ce``, the
+paper's), soft adjacent-stage labels (``soft``) or cross-entropy plus the expected ordinal cost
+(``ordinal``); the same loss is the validation loss that the plateau scheduler and the best
+epoch follow.
+
 The plateau scheduler is stepped by the module at the end of each validation epoch (with
 Lightning's epoch-mean ``val_loss``) and its state travels in the checkpoint
 (:class:`cellstage.training.resume.CheckpointedPlateau`), so the checkpoint written at the end of an
@@ -23,21 +28,24 @@ exactly when an uninterrupted run does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..taxonomy import Taxonomy
 from ..training.backbones import create_backbone, feature_dim, load_weights
 from ..training.data import UNKNOWN_DISTANCE
 from ..training.resume import CheckpointedPlateau
 from ..utils import CellstageError
+from .losses import check_loss, cost_matrix, soft_targets
 from .recipes import Recipe, as_recipe
 
-__all__ = ["CellClassifier", "UNKNOWN_DISTANCE", "load_pretrained"]
+__all__ = ["CellClassifier", "StageLoss", "UNKNOWN_DISTANCE", "load_pretrained"]
 
 
 def load_pretrained(backbone: nn.Module, path: str | Path, backbone_name: str, *, key: str = "pretrained_path") -> None:
@@ -64,6 +72,30 @@ def load_pretrained(backbone: nn.Module, path: str | Path, backbone_name: str, *
         raise CellstageError(f"{key}: {p} is not a readable {kind} file: {e}") from e
 
 
+class StageLoss(nn.Module):
+    """``loss(logits, y)``, the batch mean of loss ``name`` (``ce``, ``soft``, ``ordinal``) with
+    ``settings`` over ``taxonomy`` (:mod:`cellstage.train.losses`)."""
+
+    def __init__(self, name: str, taxonomy: Taxonomy, settings: Mapping | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.settings = check_loss(name, settings)
+        n = taxonomy.n_classes
+        targets = soft_targets(taxonomy, self.settings["adjacent_share"]) if name == "soft" else np.eye(n)
+        cost = cost_matrix(taxonomy) if name == "ordinal" else np.zeros((n, n))
+        # not persistent: rebuilt from the hyperparameters, so checkpoints of every loss look alike
+        self.register_buffer("targets", torch.as_tensor(targets, dtype=torch.float32), persistent=False)
+        self.register_buffer("cost", torch.as_tensor(cost, dtype=torch.float32), persistent=False)
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.name == "ce":
+            return F.cross_entropy(logits, y)
+        if self.name == "soft":
+            return F.cross_entropy(logits, self.targets[y].to(logits.dtype))
+        expected_cost = (torch.softmax(logits, dim=1) * self.cost[y].to(logits.dtype)).sum(1).mean()
+        return F.cross_entropy(logits, y) + self.settings["weight"] * expected_cost
+
+
 class CellClassifier(L.LightningModule):
     def __init__(
         self,
@@ -76,6 +108,10 @@ class CellClassifier(L.LightningModule):
         recipe: Recipe | Mapping | str = "baseline",
         weight_decay: float = 0.01,
         distance_dropout_p: float = 0.1,
+        loss: str = "ce",
+        loss_settings: Mapping | None = None,
+        classes: Sequence[str] | None = None,
+        static_classes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if pretrained_path is not None:
@@ -88,6 +124,15 @@ class CellClassifier(L.LightningModule):
             load_pretrained(self.backbone, pretrained_path, backbone_name, key=pretrained_key)
         self.feat_dim = feature_dim(self.backbone)
         self.head = nn.Linear(self.feat_dim + (1 if use_distance else 0), n_classes)
+        # the training and validation loss (:mod:`cellstage.train.losses`): soft and ordinal need
+        # the class order, i.e. ``classes`` (n_classes of them) and the static ones
+        if classes is None:
+            if loss != "ce":
+                raise CellstageError(f"loss {loss!r} needs the ordered classes (classes=...), not only n_classes")
+            classes = [str(i) for i in range(n_classes)]
+        if len(classes) != n_classes:
+            raise CellstageError(f"classes: {len(classes)} names for n_classes={n_classes}")
+        self.criterion = StageLoss(loss, Taxonomy(tuple(classes), tuple(static_classes)), loss_settings)
         self.plateau = CheckpointedPlateau()
 
     # ---------------------------------------------------------------- model
@@ -115,7 +160,7 @@ class CellClassifier(L.LightningModule):
         if stage == "train":
             d = self._augment_distance(d)
         logits = self(x, d)
-        loss = F.cross_entropy(logits, y)
+        loss = self.criterion(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
         bs = y.shape[0]
         sync = stage == "val"  # one validation loss for the scheduler on every DDP rank

@@ -62,6 +62,7 @@ from ..metrics import compute_metrics
 from ..taxonomy import Taxonomy
 from ..training.folds import make_folds
 from ..utils import CellstageError, atomic_path, provenance, write_json
+from .losses import check_loss
 from .recipes import Recipe, as_recipe
 
 __all__ = ["METRIC_KEYS", "aggregate_folds", "make_folds", "run_fold"]
@@ -117,6 +118,8 @@ def run_fold(
     group_col: str | None = None,
     fold_reference: Sequence[str | os.PathLike] = (),
     augment: Mapping | None = None,
+    loss: str = "ce",
+    loss_settings: Mapping | None = None,
     seed: int = 0,
     accelerator: str = "auto",
     devices: int = 1,
@@ -144,6 +147,8 @@ def run_fold(
     ``{p, sigma, bias}`` (training only) and ``macenko`` (+ ``macenko_reference``: a slide or
     null), per-slide normalisation of train, validation and test crops
     (:mod:`cellstage.training.stain`); the fitted stain matrices go into metrics.json ``stain``.
+    ``loss``: ``ce``, ``soft`` or ``ordinal`` with ``loss_settings`` (config ``finetune.losses.<loss>``;
+    :mod:`cellstage.train.losses`); every loss sees the same folds (they depend on the cells only).
     """
     import torch
 
@@ -170,6 +175,7 @@ def run_fold(
             raise CellstageError(f"{pretrained_key}: {pretrained_path} does not exist")
     recipe = as_recipe(recipe)
     epochs = recipe.epochs
+    loss_settings = check_loss(loss, loss_settings)
 
     config = {
         "train_sources": [list(s) for s in train_sources],
@@ -191,6 +197,8 @@ def run_fold(
         "group_col": group_col,
         "fold_reference": fold_reference,
         "augment": dict(augment or {}),
+        "loss": loss,
+        "loss_settings": loss_settings,
         "seed": int(seed),
         "accelerator": accelerator,
         "devices": devices,
@@ -244,6 +252,10 @@ def run_fold(
         recipe=recipe,
         weight_decay=weight_decay,
         distance_dropout_p=distance_dropout_p,
+        loss=loss,
+        loss_settings=loss_settings,
+        classes=taxonomy.classes,
+        static_classes=taxonomy.static,
     )
 
     ck_dir = out_dir / "checkpoints"

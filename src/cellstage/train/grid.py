@@ -8,9 +8,13 @@ products, duplicates removed, in first-seen order. When ``grids`` is given (non-
 ``grid`` (the workflow's own config/config.yaml always carries a ``grid``, and a
 ``--configfile`` is merged over it).
 
-An experiment is a dict ``scan, background, backbone, init, distance, recipe``; its name
-``{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}`` is only ever built here, never split back
-into its fields (a timm backbone name may itself contain ``-`` or ``.``).
+A grid may also list ``loss`` (``ce``, ``soft``, ``ordinal``: :mod:`cellstage.train.losses`);
+without it every configuration trains with ``ce``, the paper's cross-entropy.
+
+An experiment is a dict ``scan, background, backbone, init, distance, loss, recipe``; its name
+``{scan}-{bg|nobg}-{backbone}-{init}-{dist|nodist}`` (plus ``-{loss}`` unless the loss is ``ce``,
+so the paper's configurations keep their names) is only ever built here, never split back into
+its fields (a timm backbone name may itself contain ``-`` or ``.``).
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..utils import CellstageError
+from .losses import LOSSES, check_loss
 
-__all__ = ["GRID_KEYS", "experiment_name", "experiments"]
+__all__ = ["GRID_KEYS", "OPTIONAL_GRID_KEYS", "experiment_name", "experiments"]
 
 GRID_KEYS = ("scan", "background", "backbone", "init", "distance")
+OPTIONAL_GRID_KEYS = {"loss": ["ce"]}  # key -> its value when a grid does not list it
 VIT_PREFIXES = ("vit", "deit")
 
 
 def experiment_name(exp: Mapping) -> str:
+    loss = exp.get("loss", "ce")
     return (f"{exp['scan']}-{'bg' if exp['background'] else 'nobg'}-{exp['backbone']}-{exp['init']}-"
-            f"{'dist' if exp['distance'] else 'nodist'}")
+            f"{'dist' if exp['distance'] else 'nodist'}" + ("" if loss == "ce" else f"-{loss}"))
 
 
 def _check_imagenet_weights(finetune: Mapping, backbone: str) -> None:
@@ -55,13 +62,19 @@ def experiments(finetune: Mapping, scans) -> dict[str, dict]:
     """Experiment name -> fields, for the config section ``finetune`` (defaults filled) and the
     configured ``scans``. Raises a :class:`~cellstage.utils.CellstageError` naming the config key
     for a value the workflow cannot run (unknown scan, a backbone name with '/', MAE on a
-    non-ViT, an init without a recipe, ImageNet weights not configured or missing)."""
+    non-ViT, an init without a recipe, ImageNet weights not configured or missing, an unknown
+    loss or loss setting)."""
     out: dict[str, dict] = {}
     for where, grid in _grids(finetune):
         missing = [k for k in GRID_KEYS if k not in grid]
         if missing:
             raise CellstageError(f"config {where}: lacks {missing} (every grid lists {list(GRID_KEYS)})")
-        for scan, bg, backbone, init, dist in itertools.product(*(grid[k] for k in GRID_KEYS)):
+        losses = list(grid.get("loss") or OPTIONAL_GRID_KEYS["loss"])
+        for loss in losses:
+            if loss not in LOSSES:
+                raise CellstageError(f"config {where}.loss: unknown loss {loss!r}; choose one of {list(LOSSES)}")
+            check_loss(loss, (finetune.get("losses") or {}).get(loss))  # its settings, at start-up
+        for scan, bg, backbone, init, dist, loss in itertools.product(*(grid[k] for k in GRID_KEYS), losses):
             if scan not in scans:
                 raise CellstageError(f"config {where}.scan: {scan!r} is not a key of config 'scans'")
             if "/" in backbone or not backbone:
@@ -78,7 +91,7 @@ def experiments(finetune: Mapping, scans) -> dict[str, dict]:
             if init == "imagenet":
                 _check_imagenet_weights(finetune, backbone)
             exp = dict(scan=scan, background=bool(bg), backbone=backbone, init=init, distance=bool(dist),
-                       recipe=finetune["recipe"][init])  # recipe: a column of the report's tables
+                       loss=loss, recipe=finetune["recipe"][init])  # recipe: a column of the report's tables
             out.setdefault(experiment_name(exp), exp)
     return out
 

@@ -17,7 +17,8 @@ def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index
              out_dir: str | os.PathLike, fold: int, backbone: str, img_size: int, background: bool, distance: bool,
              n_folds: int, init: str, recipe: str, recipe_settings: dict, batch_size: int, group_by: str | None,
              classes: list[str], static_classes: list[str], seed: int, threads: int | None, devices: int,
-             fold_index: list | None = None, augment: dict | None = None) -> dict:
+             fold_index: list | None = None, augment: dict | None = None, loss: str = "ce",
+             loss_settings: dict | None = None) -> dict:
     """Train on all folds but ``fold`` of the train crops, evaluate on ``fold`` and the test crops.
 
     ``background`` False trains on the masked crops (background removed); ``distance`` adds the
@@ -31,7 +32,8 @@ def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index
     scan share one fold (seed 000 §3.1, §4.2; None: folds over ``train_index`` itself, which is
     the same for the reference scan). ``group_by``: patient, section or slide (= section).
     ``augment``: config ``finetune.augment`` (HED stain jitter, per-slide Macenko normalisation;
-    :mod:`cellstage.training.stain`).
+    :mod:`cellstage.training.stain`). ``loss``, ``loss_settings``: ``ce``, ``soft`` or ``ordinal``
+    and config ``finetune.losses.<loss>`` (:mod:`cellstage.train.losses`).
     """
     from .cv import run_fold
 
@@ -55,6 +57,8 @@ def finetune(*, train_zarr: list, train_index: list, test_zarr: list, test_index
         group_col=group_by,
         fold_reference=list(fold_index or ()),
         augment=dict(augment or {}),
+        loss=loss,
+        loss_settings=dict(loss_settings or {}),
         seed=int(seed),
         devices=int(devices),
     )
