@@ -272,6 +272,34 @@ def mae_reconstruction_inputs(wildcards):
     return {**run, "val_zarr": val["zarr"], "val_index": val["index"]}
 
 
+def probe_inputs(wildcards):
+    """The run's exported backbone and summary, and the labelled crops it is probed on: the train
+    slides of its scan (pretraining's validation crops, seed 000 §4.3; rule probe)."""
+    val = crops_of(_slides_where(wildcards.scan, ("train",)))
+    return {
+        "weights": pretrain_file(wildcards.method, wildcards.backbone, wildcards.scan, "backbone.safetensors"),
+        "summary": pretrain_file(wildcards.method, wildcards.backbone, wildcards.scan, "pretrain.json"),
+        "val_zarr": val["zarr"],
+        "val_index": val["index"],
+        # the Macenko reference slide (pretrain.augment), fitted as pretraining fitted it
+        **stain_reference_crops(),
+    }
+
+
+def stain_reference_crops():
+    """{stain_zarr, stain_index} of config pretrain.augment.macenko_reference when Macenko is on, else {}."""
+    augment = config["pretrain"]["augment"]
+    if not (augment.get("macenko") and augment.get("macenko_reference")):
+        return {}
+    ref = crops_of([augment["macenko_reference"]])
+    return {"stain_zarr": ref["zarr"], "stain_index": ref["index"]}
+
+
+def probe_files():
+    """probe.json of every pretraining run (the report's SSL probe table)."""
+    return [pretrain_file(*run, "probe.json") for run in PRETRAIN_RUNS]
+
+
 def finetune_inputs(wildcards):
     train = crops_of(_slides_where(wildcards.scan, ("train",)))
     test = crops_of(_slides_where(wildcards.scan, ("test",)))

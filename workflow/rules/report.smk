@@ -7,6 +7,7 @@ rule report:
     and QuPath GeoJSON of the classified test cells, from stored outputs only (`make tables`)."""
     input:
         unpack(report_inputs),
+        probes=probe_files(),  # frozen-backbone probes of every pretraining run (rule probe)
     output:
         csv=report("results/report/cv_results.csv", caption="../report/cv_results.rst", category="Tables"),
         md="results/report/cv_results.md",
@@ -20,6 +21,10 @@ rule report:
         a6_md="results/report/tableA6_imagenet.md",
         a7_csv=report("results/report/tableA7_finetune.csv", caption="../report/tableA7.rst", category="Tables"),
         a7_md="results/report/tableA7_finetune.md",
+        losses_csv=report("results/report/table_losses.csv", caption="../report/losses.rst", category="Tables"),
+        losses_md="results/report/table_losses.md",
+        probes_csv=report("results/report/ssl_probes.csv", caption="../report/ssl_probes.rst", category="Tables"),
+        probes_md="results/report/ssl_probes.md",
         fig4=report("results/report/fig4_baseline.png", caption="../report/fig4.rst", category="Figures"),
         umap=report("results/report/fig5_umap.png", caption="../report/fig5.rst", category="Figures"),
         fig6=report("results/report/fig6_distance.png", caption="../report/fig6.rst", category="Figures"),

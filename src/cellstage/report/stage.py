@@ -14,6 +14,10 @@ Outputs (keys of ``outputs``; seed 000 shapes):
 * ``table1_csv``/``table1_md``: Table 1 (cells per class and split, per scan);
 * ``a5_*``, ``a6_*``, ``a7_*`` (``_csv``/``_md``): Tables A.5 (scratch), A.6 (ImageNet), A.7
   (with background; SSL and baseline recipes side by side);
+* ``probes_csv``/``probes_md``: kNN and linear probes of every pretraining run's frozen backbone
+  beside a random-init one (inputs ``probes``: the runs' ``probe.json``; :mod:`.probes`);
+* ``losses_csv``/``losses_md``: ordinal-aware against plain training on the same folds, for every
+  configuration trained with several losses (:mod:`.losses`; the paper tables keep ``ce`` rows);
 * ``fig4``, ``fig6``, ``boxplot`` (Fig. 7), ``umap`` (Fig. 5), ``confusion`` (best configuration,
   fold ensemble), ``confusion_scans`` + ``confusion_csv`` (best configuration of every scan);
 * ``stages``, ``geojson``; ``provenance``: provenance.json (config hash, git commit, package
@@ -36,7 +40,9 @@ from ..utils import atomic_path, file_sha256, write_json
 from .embedding import panel_data
 from .ensemble import export_qupath, fold_ensemble
 from .figures import confusion_figure, confusion_grid, fig4_boxplots, fig6_boxplots, metric_boxplots, umap_figure
+from .losses import loss_markdown, loss_table
 from .paper import PAPER_TABLES, dataset_markdown, dataset_table, paper_markdown, paper_table
+from .probes import probe_markdown, probe_table
 from .provenance import config_hash as _config_hash
 from .provenance import markdown_block, report_provenance
 from .stages import stage_table
@@ -124,13 +130,26 @@ def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mappi
         _write_csv(outputs[f"{key}_csv"], table)
         _write_text(outputs[f"{key}_md"], paper_markdown(table, keys, title=title, best=best, header=header))
 
-    # Figures 4, 6, 7
+    # frozen-backbone probes of the pretraining runs (issue 12 item 7)
+    if "probes_csv" in outputs:
+        probes = probe_table(_as_list(inputs.get("probes")))
+        _write_csv(outputs["probes_csv"], probes)
+        _write_text(outputs["probes_md"], probe_markdown(probes, header=header))
+
+    # ordinal-aware losses against cross-entropy (issue 14 item 4)
+    if "losses_csv" in outputs:
+        losses = loss_table(summary)
+        _write_csv(outputs["losses_csv"], losses)
+        _write_text(outputs["losses_md"], loss_markdown(losses, header=header))
+
+    # Figures 4, 6, 7 (Figs 4 and 6 are the paper's, trained with cross-entropy)
     chance = 1.0 / len(classes)
     metric_boxplots(folds, outputs["boxplot"], chance=chance)
+    paper_folds = folds[folds["loss"] == "ce"] if "loss" in folds.columns else folds
     if "fig4" in outputs:
-        fig4_boxplots(folds, outputs["fig4"])
+        fig4_boxplots(paper_folds, outputs["fig4"])
     if "fig6" in outputs:
-        fig6_boxplots(folds, outputs["fig6"])
+        fig6_boxplots(paper_folds, outputs["fig6"])
 
     # confusion: best configuration overall and per scan (fold ensembles of the test predictions)
     ensemble = fold_ensemble(_fold_files(experiments[best], "predictions"))

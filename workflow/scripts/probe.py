@@ -1,0 +1,24 @@
+from pathlib import Path
+
+import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
+
+from cellstage.ssl.probe import probe
+from cellstage.utils import redirect_output
+
+with redirect_output(snakemake.log[0]):
+    probe(
+        Path(snakemake.input.weights).parent,  # pretrain.json, backbone.safetensors
+        list(snakemake.input.val_zarr),
+        list(snakemake.input.val_index),
+        snakemake.output[0],
+        stain_zarr_paths=list(snakemake.input.get("stain_zarr", [])),
+        stain_index_paths=list(snakemake.input.get("stain_index", [])),
+        classes=list(snakemake.params.classes),
+        static_classes=list(snakemake.params.static_classes),
+        n_folds=snakemake.params.n_folds,
+        group_by=snakemake.params.group_by,
+        k=snakemake.params.k,
+        C=snakemake.params.C,
+        seed=snakemake.params.seed,
+        threads=snakemake.threads,
+    )
