@@ -85,17 +85,24 @@ def test_checkpointed_plateau_state_survives_a_checkpoint_loaded_before_the_opti
 
 
 # --------------------------------------------------------------------------------- checkpoints
+def _stamped_checkpoint(ck, cfg, epochs_done=1):
+    """A checkpoint as EpochCheckpoint writes it: resume stamp inside, its sha256 in the sidecar."""
+    torch.save({resume.RESUME_KEY: {"hash": resume.resume_key(cfg), "epochs_done": epochs_done}}, ck)
+    meta = {**resume.checkpoint_meta(cfg), "epochs_done": epochs_done, "sha256": resume.file_sha256(ck)}
+    resume.write_durable(resume.sidecar_path(ck), json.dumps(meta).encode())
+
+
 def test_find_resumable_only_for_the_same_config(tmp_path, caplog):
     ck = tmp_path / "checkpoints" / "last.ckpt"
     cfg = {"lr": 1e-3, "seed": 0}
     assert resume.find_resumable(ck, cfg, what="t") is None  # nothing there: sidecar written
     assert json.loads(resume.sidecar_path(ck).read_text())["hash"] == resume.config_hash(cfg)
-    ck.write_bytes(b"x")
+    _stamped_checkpoint(ck, cfg)
     assert resume.find_resumable(ck, cfg, what="t") == str(ck)
     with caplog.at_level("WARNING", logger="cellstage.train"):
         assert resume.find_resumable(ck, {**cfg, "seed": 1}, what="t") is None
-    assert "written with other arguments" in caplog.text and not ck.exists()
-    ck.write_bytes(b"x")
+    assert "written with other arguments (seed)" in caplog.text and not ck.exists()
+    _stamped_checkpoint(ck, cfg)
     resume.sidecar_path(ck).unlink()
     with caplog.at_level("WARNING", logger="cellstage.train"):
         assert resume.find_resumable(ck, cfg, what="t") is None  # e.g. from an older cellstage

@@ -86,14 +86,15 @@ def test_every_registered_method_trains_and_exports_a_loadable_backbone(tmp_path
             pretrain(method, "resnet18", [source], tmp_path / "cnn", img_size=40, epochs=1, progress=False)
 
 
-def test_resume_continues(tmp_path, source):
+def test_finished_run_leaves_no_checkpoint_and_a_rerun_trains_afresh(tmp_path, source):
     out = tmp_path / "run"
     pretrain("simclr", "resnet18", [source], out, img_size=40, epochs=1, batch_size=8, progress=False,
              max_crops=16)
+    assert not (out / "last.ckpt").exists() and not (out / "last.json").exists()  # issue 15: removed on success
     w1 = (out / "backbone.safetensors").read_bytes()
     res = pretrain("simclr", "resnet18", [source], out, img_size=40, epochs=2, batch_size=8, progress=False,
                    max_crops=16)
-    assert res["resumed_from_epoch"] == 1 and res["epochs"] == 2 and res["epochs_this_run"] == 1
+    assert res["resumed_from_epoch"] is None and res["epochs"] == 2 and res["epochs_this_run"] == 2
     hist = pd.read_csv(out / "history.csv")
     assert hist["epoch"].tolist() == [1, 2]
     assert (out / "backbone.safetensors").read_bytes() != w1
@@ -156,4 +157,4 @@ def test_pretrain_ignores_a_checkpoint_written_with_other_arguments(tmp_path, so
                        max_crops=16)
     assert res["resumed_from_epoch"] is None and res["epochs"] == 1
     assert "written with other arguments" in caplog.text
-    assert json.loads((out / "last.json").read_text())["epochs_done"] == 1
+    assert not (out / "last.ckpt").exists() and not (out / "last.json").exists()  # removed on success

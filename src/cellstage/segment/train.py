@@ -213,7 +213,7 @@ def _load_checkpoint(ckpt_dir: Path, fingerprint: str) -> dict | None:
 
     for p in _checkpoints(ckpt_dir):
         try:
-            state = torch.load(p, map_location="cpu", weights_only=False)
+            state = torch.load(p, map_location="cpu", weights_only=True)  # tensors and plain types only
         except Exception as e:  # noqa: BLE001 - a damaged file must not stop training
             log.warning("ignoring unreadable checkpoint %s (%s)", p, e)
             continue
@@ -309,7 +309,7 @@ def fit_cellpose(
         if state is not None:
             net.load_state_dict(state["net"])
             optimizer.load_state_dict(state["optimizer"])
-            train_losses[:] = state["train_losses"]
+            train_losses[:] = state["train_losses"].numpy()
             start = resumed = int(state["epoch"]) + 1
             log.info("resuming Cellpose training after epoch %d of %d (checkpoint in %s)",
                      start, n_epochs, ckpt_dir)
@@ -322,7 +322,7 @@ def fit_cellpose(
         else:
             rperm = np.random.permutation(np.arange(0, nimg))
         for param_group in optimizer.param_groups:
-            param_group["lr"] = LR[iepoch]
+            param_group["lr"] = float(LR[iepoch])  # a Python float: the checkpoint loads with weights_only=True
         net.train()
         for k in range(0, nimg_per_epoch, batch_size):
             inds = rperm[k:min(k + batch_size, nimg_per_epoch)]
@@ -344,7 +344,7 @@ def fit_cellpose(
             _save_checkpoint(ckpt_dir, {
                 "epoch": iepoch, "n_epochs": n_epochs, "fingerprint": fingerprint,
                 "net": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "train_losses": train_losses.copy(),
+                "train_losses": torch.from_numpy(train_losses.copy()),  # a tensor: loadable with weights_only=True
             })
         if iepoch == n_epochs - 1 or (log_every and iepoch % log_every == 0):
             log.info("epoch %d/%d: train loss %.4f, lr %.6f, %.1f s", iepoch + 1, n_epochs,

@@ -19,13 +19,15 @@ the run finished):
   predictors, MAE's decoder; not DINO's EMA teacher): what ``mae_reconstructions`` needs;
 - ``history.csv`` (epoch, loss, val_loss, lr), ``loss.png`` (training and validation curves),
   ``pretrain.json`` (summary with ``best_epoch`` / ``best_val_loss``, config, provenance);
-- ``last.ckpt`` — Lightning checkpoint written (atomically replaced) after every epoch, with its
-  sidecar ``last.json`` (hash of the arguments, epochs done; :mod:`cellstage.training.resume`).
-  A rerun with the same ``out_dir`` and the same arguments resumes from it; ``epochs`` is not
-  part of the comparison, so a finished run can be continued to more epochs (the epoch counter
-  continues; with ``epochs`` already reached nothing is trained and the outputs are rewritten from
-  the checkpoint). A checkpoint written with other arguments (method, backbone, crops selected,
-  batch size, lr, seed, ...) is ignored, logged, and training starts afresh.
+- ``last.ckpt`` — while training only: Lightning checkpoint written crash-safely after every epoch,
+  with its sidecar ``last.json`` (hash of the arguments and of the crop stores' and indexes'
+  content, sha256 of the checkpoint, epochs done; :mod:`cellstage.training.resume`); removed
+  once ``pretrain.json`` is written. A rerun after a kill with the same ``out_dir``, arguments and
+  input content resumes from it; ``epochs`` is not part of the comparison, but a checkpoint with
+  more epochs done than ``epochs`` is never resumed (with exactly ``epochs`` done nothing is
+  trained and the outputs are written from the checkpoint). A checkpoint written with other
+  arguments (method, backbone, crops selected, batch size, lr, seed, ...) or from changed crops
+  is ignored, a damaged one set aside, both logged, and training starts afresh.
   Resuming after a kill is bit-identical to an uninterrupted run on CPU with ``num_workers=0``
   (tests/unit/test_ssl.py::test_pretrain_killed_after_epoch_1_resumes_to_identical_weights:
   SIGKILL after epoch 1 of 4; same backbone weights and history).
@@ -216,9 +218,7 @@ def pretrain(
     from ..training.fit import fit_resumable
     from ..training.resume import (
         EpochSampler,
-        config_hash,
         loader_generator,
-        read_sidecar,
         resolve_deterministic,
         seed_all,
     )
@@ -292,13 +292,9 @@ def pretrain(
         "val_crops": _index_digest(val_index) if len(val_index) else None, "augment": augment or {},
     }
     last = out_dir / "last.ckpt"
-    resumed_from = None  # epochs in the checkpoint to resume (its history; the sidecar may lag one epoch)
-    if last.is_file() and read_sidecar(last).get("hash") == config_hash(resume_config):
-        ck = torch.load(last, map_location="cpu", weights_only=False)
-        resumed_from = len(ck.get("cellstage_history", []))
-        del ck
     fit = fit_resumable(
         model, train_loader=loader, val_loader=val_loader, ckpt_path_last=last, resume_config=resume_config,
+        inputs=[p for s in (*sources, *val_sources) for p in s],  # resumed only if their content is unchanged
         epochs=int(epochs), seed=seed, accelerator=accelerator, devices=devices,
         deterministic=resolve_deterministic(None, accelerator),  # True on CPU, "warn" on CUDA
         progress=progress, checkpoint_every=checkpoint_every, default_root_dir=out_dir,
@@ -306,9 +302,10 @@ def pretrain(
     )
     if not fit.is_global_zero:
         return {}  # DDP: rank 0 writes the outputs
+    resumed_from = fit.resumed_from  # epochs done in the resumed checkpoint (never more than `epochs`)
     if resumed_from is not None and resumed_from >= int(epochs):
         # nothing trained: Lightning may not have restored the weights; load them explicitly
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(state["state_dict"])
         model.on_load_checkpoint(state)
 
@@ -360,6 +357,7 @@ def pretrain(
         "provenance": provenance(inputs=[s[1] for s in [*sources, *val_sources]]),
     }
     write_json(out_dir / "pretrain.json", summary)
+    fit.remove_checkpoint()  # a finished run leaves no checkpoint (a rerun trains afresh)
     return summary
 
 

@@ -16,12 +16,14 @@ evaluates them on the validation fold and on the separate test slides. Outputs i
 
 Resuming: while training, ``out_dir/checkpoints/last.ckpt`` (Lightning checkpoint: weights,
 optimiser, LR-scheduler state, loop counters, and the best-epoch weights and history kept by
-callbacks) and its sidecar ``checkpoints/last.json`` (hash of the arguments, epochs done) are
+callbacks) and its sidecar ``checkpoints/last.json`` (hash of the arguments and of the crop
+stores', indexes' and pretrained weights' content, the checkpoint's sha256, epochs done) are
 replaced atomically after every epoch (:func:`cellstage.training.fit.fit_resumable`,
 :mod:`cellstage.training.resume`). Rerunning ``run_fold`` with the same arguments after a kill
 continues from the last finished epoch
-(``Trainer.fit(ckpt_path=)``); with other arguments the checkpoint is ignored (logged) and the
-fold starts afresh. The checkpoint folder is deleted just before metrics.json is written. A
+(``Trainer.fit(ckpt_path=, weights_only=True)``); with other arguments or changed inputs the
+checkpoint is ignored, a damaged one is set aside (both logged), and the fold starts afresh.
+The checkpoint folder is deleted just before metrics.json is written. A
 resumed run is bit-identical to an uninterrupted one on CPU with ``num_workers=0`` (verified by
 tests/unit/test_finetune.py::test_finetune_killed_after_epoch_1_resumes_to_identical_weights:
 SIGKILL after epoch 1 of 4, same weights, predictions and history, for both recipes): the training
@@ -265,6 +267,9 @@ def run_fold(
         datamodule=dm,
         ckpt_path_last=ck_dir / "last.ckpt",
         resume_config=config,
+        # content-keyed resume: the crop stores, indexes and weights file this fold reads
+        inputs=[*(p for s in (*train_sources, *test_sources) for p in s), *fold_reference,
+                *([pretrained_path] if pretrained_path else [])],
         epochs=epochs,
         seed=seed,
         accelerator=accelerator,

@@ -6,10 +6,17 @@ Every trainer of cellstage — fine-tuning (:func:`cellstage.train.cv.run_fold`)
 :func:`fit_resumable`, which owns:
 
 * the Trainer (``logger=False``, no model summary, no sanity validation, progress bar optional);
-* the resume decision (:func:`cellstage.training.resume.find_resumable`: the checkpoint at
-  ``ckpt_path_last`` is resumed only when its sidecar carries the hash of ``resume_config``);
-* the per-epoch atomic checkpoint (:class:`~cellstage.training.resume.EpochCheckpoint`, every
-  ``checkpoint_every`` epochs, 0 = never) and the per-epoch reseeding
+* the resume decision (:func:`cellstage.training.resume.resumable_checkpoint`): the checkpoint
+  at ``ckpt_path_last`` is resumed only when its sidecar carries the hash of ``resume_config`` and
+  of the content of the ``inputs`` files (crop zarr stores, index parquets, pretrained weights;
+  :func:`~cellstage.training.resume.input_hashes`), its bytes match the sha256 in the sidecar, it
+  loads with ``torch.load(weights_only=True)`` and it has at most ``epochs`` epochs done; a
+  damaged one is set aside (``last.ckpt.corrupt-<time>``), any other mismatch deletes it, and
+  either way the log says why and training starts afresh. Lightning then restores the training
+  state with ``Trainer.fit(..., weights_only=True)``: nothing on disk is unpickled;
+* the per-epoch crash-safe checkpoint (:class:`~cellstage.training.resume.EpochCheckpoint`, every
+  ``checkpoint_every`` epochs, 0 = never: private temp file, fsync, sha256 in the sidecar, rename)
+  and the per-epoch reseeding
   (:class:`~cellstage.training.resume.ReseedEveryEpoch`), which make a resumed run bit-identical to
   an uninterrupted one on CPU with ``num_workers=0`` (the killed-run tests of each trainer);
 * devices, DDP strategy and the SLURM plugin (:func:`~cellstage.training.resume.device_kwargs`);
@@ -18,26 +25,36 @@ Every trainer of cellstage — fine-tuning (:func:`cellstage.train.cv.run_fold`)
 * fit timing and the rank-0 flag (under DDP only rank 0 should evaluate and write outputs).
 
 The caller removes the checkpoint with :meth:`FitResult.remove_checkpoint` once its outputs are
-written (a kill before that leaves a resumable checkpoint).
+written (a kill before that leaves a resumable checkpoint): a stage that succeeded leaves none.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .resume import EpochCheckpoint, ReseedEveryEpoch, device_kwargs, find_resumable, read_sidecar, remove_checkpoint
+from .resume import (
+    EpochCheckpoint,
+    ReseedEveryEpoch,
+    device_kwargs,
+    input_hashes,
+    remove_checkpoint,
+    resumable_checkpoint,
+)
+
+log = logging.getLogger("cellstage.train")
 
 
 @dataclass
 class FitResult:
     """What :func:`fit_resumable` did. ``resumed_from``: epochs done in the resumed checkpoint
-    (from its sidecar), None for a fresh run."""
+    (stored inside it), None for a fresh run."""
 
     trainer: object
     ckpt_path: str | None
@@ -76,6 +93,7 @@ def fit_resumable(
     val_loader=None,
     ckpt_path_last: str | os.PathLike,
     resume_config: Mapping,
+    inputs: Iterable[str | os.PathLike] = (),
     epochs: int,
     seed: int,
     accelerator: str = "auto",
@@ -89,7 +107,12 @@ def fit_resumable(
 ) -> FitResult:
     """Fit ``module`` for ``epochs`` epochs on ``datamodule`` or ``train_loader`` (with the optional
     ``val_loader``, run after every training epoch), resuming from ``ckpt_path_last`` when it was
-    written with the same ``resume_config``.
+    written with the same ``resume_config`` from inputs with the same content.
+
+    ``inputs``: every file or directory (zarr store) the training reads; their content is hashed
+    (sha256 of the bytes, :func:`~cellstage.training.resume.content_hash`) into the resume key, so a
+    checkpoint made before an input was regenerated is not resumed. A run never continues past
+    ``epochs`` (a checkpoint with more epochs done is deleted).
 
     ``deterministic``: the resolved ``Trainer(deterministic=)`` value
     (:func:`~cellstage.training.resume.resolve_deterministic`). ``callbacks`` run after the
@@ -103,8 +126,20 @@ def fit_resumable(
     if val_loader is not None and datamodule is not None:
         raise ValueError("fit_resumable: val_loader goes with train_loader (a datamodule has its own)")
     last = Path(ckpt_path_last)
-    ckpt_path = find_resumable(last, resume_config, what=what)
-    resumed_from = read_sidecar(last).get("epochs_done") if ckpt_path else None
+    t_hash = time.perf_counter()
+    hashes = input_hashes(inputs)
+    if hashes:
+        log.info("%s: hashed the content of %d input(s) in %.2f s", what, len(hashes), time.perf_counter() - t_hash)
+    found = resumable_checkpoint(last, resume_config, what=what, inputs=hashes, epochs=int(epochs))
+    ckpt_path = found.path if found is not None else None
+    resumed_from = found.epochs_done if found is not None else None
+    checkpoint = EpochCheckpoint(
+        last,
+        resume_config,
+        checkpoint_every,
+        inputs=hashes,
+        previous_sha256=found.sha256 if found is not None else None,
+    )
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
@@ -114,7 +149,7 @@ def fit_resumable(
             **device_kwargs(devices),
             deterministic=deterministic,
             logger=False,
-            callbacks=[ReseedEveryEpoch(seed), *callbacks, EpochCheckpoint(last, resume_config, checkpoint_every)],
+            callbacks=[ReseedEveryEpoch(seed), *callbacks, checkpoint],
             enable_progress_bar=progress,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -122,14 +157,21 @@ def fit_resumable(
         )
         t_fit = time.perf_counter()
         if datamodule is not None:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         else:
-            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+            trainer.fit(
+                module,
+                train_dataloaders=train_loader,
+                val_dataloaders=val_loader,
+                ckpt_path=ckpt_path,
+                weights_only=True,
+            )
         fit_seconds = time.perf_counter() - t_fit
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-    return FitResult(trainer=trainer, ckpt_path=ckpt_path, resumed_from=resumed_from, fit_seconds=fit_seconds,
-                     last=last)
+    return FitResult(
+        trainer=trainer, ckpt_path=ckpt_path, resumed_from=resumed_from, fit_seconds=fit_seconds, last=last
+    )
 
 
 @torch.no_grad()

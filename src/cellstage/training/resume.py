@@ -6,12 +6,20 @@ Fine-tuning (:func:`cellstage.train.cv.run_fold`), SSL pretraining
 :func:`cellstage.training.fit.fit_resumable`, which wires up:
 
 * :class:`EpochCheckpoint` — after every epoch the full Lightning checkpoint (weights, optimiser,
-  loop counters, callback states, the module's own extra state) is written to ``<name>.tmp`` and
-  renamed onto ``<name>`` (``last.ckpt``), so a kill never leaves half a file; then the sidecar
-  ``last.json`` (``{"hash", "epochs_done", "config"}``) is replaced the same way.
-* :func:`find_resumable` — returns the checkpoint to resume from when its sidecar carries the
-  hash of the current arguments (:func:`config_hash`); otherwise the stale checkpoint is removed,
-  a log line says why, and a fresh sidecar is written.
+  loop counters, callback states, the module's own extra state, and a resume stamp
+  ``{"hash", "epochs_done"}``) is written crash-safely (issue 15, item 2): to a temp file private
+  to the process (``last.ckpt.<host>-<pid>-<random>.tmp``, so two copies of a job never share
+  one), fsynced, its sha256 recorded in the sidecar ``last.json`` (``{"hash", "config_hash",
+  "inputs", "config", "epochs_done", "sha256", "sha256_previous"}``, itself written the same
+  way), then renamed onto ``last.ckpt`` and the folder fsynced.
+* :func:`resumable_checkpoint` (and :func:`find_resumable`) — content-keyed resume (issue 15,
+  item 1): the checkpoint is resumed only when its sidecar carries :func:`resume_key` of the
+  current arguments *and* of the content of the trainer's input files (:func:`content_hash`:
+  sha256 of the bytes, zarr stores walked in sorted order), its bytes match the recorded
+  sha256, it loads with ``torch.load(weights_only=True)`` (nothing on disk is unpickled) and it
+  has no more epochs done than the run is configured for. A damaged checkpoint is set aside as
+  ``last.ckpt.corrupt-<UTC time>``, a stale one deleted; either way a log line says why and
+  training starts afresh. Temp files of killed runs are removed first.
 * :class:`EpochSampler` — the training order of epoch ``e`` is a pure function of
   ``(seed, e)``; Lightning calls ``set_epoch`` before each epoch and the permutation is drawn
   lazily when the epoch's iteration starts, so it does not matter whether the DataLoader
@@ -31,6 +39,9 @@ Fine-tuning (:func:`cellstage.train.cv.run_fold`), SSL pretraining
 * :func:`device_kwargs` — ``devices`` / ``strategy`` / ``plugins`` for ``lightning.Trainer``
   (see its docstring for the SLURM rules).
 
+Damage, changed inputs, lowered ``epochs`` and removal after success are tested for every trainer
+in tests/unit/test_resume_safety.py.
+
 Verified (tests/unit/test_finetune.py, test_ssl.py, test_reduce.py, lightning 2.6.6, torch 2.14.1,
 CPU, ``num_workers=0``): a run killed with SIGKILL after its epoch-1 checkpoint and rerun with the
 same arguments ends with weights ``torch.equal`` to an uninterrupted run and the same history.
@@ -41,12 +52,19 @@ on CUDA, bit-identity further needs deterministic kernels (``deterministic=True`
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import random
-from collections.abc import Iterator, Mapping
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -55,7 +73,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import Sampler
 
-from ..utils import write_json
+from ..utils import CellstageError
 
 log = logging.getLogger("cellstage.train")  # the trainers' logger (messages name the trainer)
 
@@ -190,9 +208,82 @@ class CheckpointedMultiStep(CheckpointedPlateau):
             self.scheduler.step()
 
 
+# ------------------------------------------------------------------- content of the inputs
+_CHUNK = 1 << 20
+
+
+def _feed(h, path: Path) -> int:
+    n = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(_CHUNK):
+            h.update(block)
+            n += len(block)
+    return n
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    _feed(h, Path(path))
+    return h.hexdigest()
+
+
+def path_hash(path: str | os.PathLike) -> str:
+    """sha256 (hex) of one input's content: a file's bytes, or — for a directory such as a zarr
+    store — every file below it in sorted order, each as its relative path, size and bytes (so a
+    renamed chunk or a moved byte changes the hash). Raises :class:`CellstageError` if missing."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():
+        h.update(b"file\0")
+        _feed(h, p)
+    elif p.is_dir():
+        h.update(b"dir\0")
+        for root, dirs, files in os.walk(p):
+            dirs.sort()
+            for name in sorted(files):
+                f = Path(root, name)
+                h.update(f"{f.relative_to(p).as_posix()}\0{f.stat().st_size}\0".encode())
+                _feed(h, f)
+    else:
+        raise CellstageError(
+            f"{p}: a training input to hash for the resume check does not exist (the trainer reads it; check the path)"
+        )
+    return h.hexdigest()
+
+
+def input_hashes(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """``{path: path_hash(path)}`` for the distinct ``paths``, in sorted order."""
+    return {p: path_hash(p) for p in sorted({str(p) for p in paths})}
+
+
+def content_hash(paths: Iterable[str | os.PathLike]) -> str:
+    """One sha256 (hex) over the content of every input in ``paths`` (files or directories such as
+    zarr stores; :func:`path_hash`); the order and repetition of ``paths`` do not matter."""
+    return _digest(input_hashes(paths))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------ checkpoints
+RESUME_KEY = "cellstage_resume"  # in the checkpoint: {"hash", "epochs_done"} (what resuming trusts)
+STALE_TEMP_S = 3600.0  # a temp file of another host older than this is a leftover of a killed run
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname().split(".")[0]) or "host"
+_TEMP = re.compile(r"\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
+
+
 def config_hash(config: Mapping) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest(config)[:16]
+
+
+def resume_key(config: Mapping, inputs: Mapping[str, str] | None = None) -> str:
+    """What a checkpoint must carry to be resumed: a hash of the arguments and, when the trainer
+    names its input files, of their content (:func:`input_hashes`)."""
+    if not inputs:
+        return config_hash(config)  # no files named: the arguments alone (as before inputs were hashed)
+    return _digest({"config": config_hash(config), "inputs": dict(inputs)})[:16]
 
 
 def _jsonable(config: Mapping) -> dict:
@@ -206,63 +297,343 @@ def sidecar_path(ckpt: str | os.PathLike) -> Path:
 
 def read_sidecar(ckpt: str | os.PathLike) -> dict:
     try:
-        return json.loads(sidecar_path(ckpt).read_text())
+        meta = json.loads(sidecar_path(ckpt).read_text())
     except (OSError, ValueError):
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
-def find_resumable(ckpt: str | os.PathLike, config: Mapping, *, what: str) -> str | None:
-    """``str(ckpt)`` if it exists and was written with the same ``config``, else ``None``.
+def temp_name(path: str | os.PathLike) -> Path:
+    """A temporary sibling of ``path`` private to this process: ``<name>.<host>-<pid>-<random>.tmp``
+    (two copies of one job never write the same temp file)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
-    When ``None`` is returned the stale checkpoint (and its temporary file) are removed, the
-    reason is logged, and a sidecar for ``config`` (``epochs_done`` 0) is written, so that the
-    checkpoints this run writes are recognised by the next attempt.
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Flush a directory entry (a rename) to disk where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a private temp file, fsync it, rename it onto ``path``, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _write_sidecar(ckpt: Path, meta: Mapping) -> None:
+    write_durable(sidecar_path(ckpt), (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_temporaries(ckpt: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that killed runs left beside ``ckpt`` and its sidecar; returns them.
+
+    Kept: the temp files of another live process on this host (a second copy of the job writing
+    right now) and, since other hosts' processes cannot be checked, other hosts' temp files
+    younger than :data:`STALE_TEMP_S`. Also removed: ``<name>.tmp`` and ``.<name>.*.tmp/`` of
+    older cellstage versions.
     """
     ckpt = Path(ckpt)
-    h = config_hash(config)
+    if not ckpt.parent.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for base in (ckpt.name, sidecar_path(ckpt).name):
+        for p in ckpt.parent.glob(glob.escape(base) + ".*.tmp"):
+            m = _TEMP.fullmatch(p.name[len(base) :])
+            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and _pid_alive(int(m["pid"])):
+                continue
+            try:
+                if m and m["host"] != _HOST and now - p.stat().st_mtime < STALE_TEMP_S:
+                    continue
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                continue
+        legacy = ckpt.with_name(base + ".tmp")
+        if legacy.is_file():
+            legacy.unlink(missing_ok=True)
+            removed.append(legacy)
+        for d in ckpt.parent.glob("." + glob.escape(base) + ".*.tmp"):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+@dataclass
+class Resumable:
+    """A verified checkpoint: ``path``, ``epochs_done`` (stored inside it) and its ``sha256``."""
+
+    path: str
+    epochs_done: int
+    sha256: str
+
+
+def _is_rank_zero() -> bool:
+    """False in the other DDP ranks (they read the same files; only rank 0 changes them)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0) == 0
+
+
+def _stale_reason(meta: Mapping, config: Mapping, inputs: Mapping[str, str], key: str) -> str | None:
+    """Why a checkpoint with sidecar ``meta`` does not belong to this run (None: it does)."""
+    if not meta:
+        return "has no readable sidecar"
+    if meta.get("hash") == key:
+        return None
+    reasons = []
+    old_config, new_config = meta.get("config"), _jsonable(config)
+    if "config_hash" in meta:
+        config_differs = meta["config_hash"] != config_hash(config)
+    else:  # an older sidecar: compare the stored arguments themselves when there are any
+        config_differs = not isinstance(old_config, dict) or old_config != new_config
+    if config_differs:
+        changed = ""
+        if isinstance(old_config, dict):
+            keys = sorted(k for k in {*old_config, *new_config} if old_config.get(k) != new_config.get(k))
+            changed = f" ({', '.join(keys)})" if keys else ""
+        reasons.append(f"was written with other arguments{changed}")
+    old_inputs = meta.get("inputs")
+    if isinstance(old_inputs, dict) and old_inputs != dict(inputs):
+        changed = sorted(p for p in {*old_inputs, *inputs} if old_inputs.get(p) != inputs.get(p))
+        reasons.append("was written from inputs whose content has changed since: " + ", ".join(changed))
+    elif not isinstance(old_inputs, dict) and inputs:
+        reasons.append("carries no hash of its inputs' content (an older cellstage)")
+    return " and ".join(reasons) or "was written with other arguments"
+
+
+def _set_aside(ckpt: Path, why: str, what: str) -> Path:
+    """Rename a damaged checkpoint to ``<name>.corrupt-<UTC time>`` (kept for inspection), drop its
+    sidecar and log where it went."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = ckpt.with_name(f"{ckpt.name}.corrupt-{stamp}")
+    if dest.exists():
+        dest = ckpt.with_name(f"{dest.name}-{os.getpid()}-{secrets.token_hex(2)}")
+    os.replace(ckpt, dest)
+    sidecar_path(ckpt).unlink(missing_ok=True)
+    fsync_dir(ckpt.parent)
+    log.warning("%s: checkpoint %s %s; set aside as %s, training starts afresh", what, ckpt, why, dest)
+    return dest
+
+
+def _verify(ckpt: Path, meta: Mapping, key: str, what: str, *, rank_zero: bool) -> Resumable | str | None:
+    """The checkpoint if its bytes match the sidecar's sha256 and it loads with
+    ``torch.load(weights_only=True)``; else it is set aside (None) — or a reason string when it is
+    intact but was written for another run."""
+    sha = file_sha256(ckpt)
+    expected = {meta.get("sha256"), meta.get("sha256_previous")} - {None}
+    if sha not in expected:
+        why = (
+            f"has sha256 {sha[:16]}…, not the {meta['sha256'][:16]}… its sidecar records (truncated or damaged)"
+            if meta.get("sha256")
+            else "has no sha256 in its sidecar"
+        )
+        if rank_zero:
+            _set_aside(ckpt, why, what)
+        return None
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        stamp = state[RESUME_KEY]
+        epochs_done = int(stamp["epochs_done"])
+        written_for = stamp["hash"]
+        del state
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside, not fatal
+        why = f"fails to load with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]})"
+        if rank_zero:
+            _set_aside(ckpt, why, what)
+        return None
+    if written_for != key:
+        return "was written with other arguments (its own resume hash differs from the sidecar's)"
+    return Resumable(str(ckpt), epochs_done, sha)
+
+
+def resumable_checkpoint(
+    ckpt: str | os.PathLike,
+    config: Mapping,
+    *,
+    what: str,
+    inputs: Mapping[str, str] | None = None,
+    epochs: int | None = None,
+) -> Resumable | None:
+    """The checkpoint at ``ckpt`` if this run may resume from it, else ``None`` (training starts afresh).
+
+    Resumed only if all hold, otherwise the reason is logged:
+
+    * its sidecar carries :func:`resume_key` of ``config`` and ``inputs`` (``{path: content hash}``,
+      :func:`input_hashes`) — else the checkpoint is deleted (log: which arguments or which inputs
+      changed);
+    * its bytes have the sha256 recorded in the sidecar and it loads with
+      ``torch.load(weights_only=True)`` (no unpickling of arbitrary objects) — else it is set aside
+      as ``<name>.corrupt-<UTC time>`` (log: the new path);
+    * it has at most ``epochs`` epochs done — a run never continues past its configured epoch
+      count (lowering ``epochs`` trains afresh instead of exporting a longer-trained model).
+
+    First, temp files left by killed runs are removed (:func:`clean_temporaries`). Whenever
+    ``None`` is returned, a sidecar for this run (``epochs_done`` 0) is written. In DDP ranks
+    other than 0 nothing is changed on disk.
+    """
+    ckpt = Path(ckpt)
+    inputs = dict(inputs or {})
+    key = resume_key(config, inputs)
+    rank_zero = _is_rank_zero()
+    if rank_zero:
+        for p in clean_temporaries(ckpt):
+            log.info("%s: removed %s, left by a killed run", what, p)
     if ckpt.is_file():
         meta = read_sidecar(ckpt)
-        if meta.get("hash") == h:
-            log.info("%s: resuming from %s (%s epoch(s) done)", what, ckpt, meta.get("epochs_done", "?"))
-            return str(ckpt)
-        reason = "has no readable sidecar" if not meta else "was written with other arguments"
-        log.warning("%s: %s %s; ignoring it and starting afresh", what, ckpt, reason)
-    for p in (ckpt, ckpt.with_name(ckpt.name + ".tmp"), sidecar_path(ckpt)):
-        p.unlink(missing_ok=True)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    write_json(sidecar_path(ckpt), {"hash": h, "epochs_done": 0, "config": _jsonable(config)})
+        reason = _stale_reason(meta, config, inputs, key)
+        if reason is None:
+            found = _verify(ckpt, meta, key, what, rank_zero=rank_zero)
+            if isinstance(found, Resumable):
+                if epochs is None or found.epochs_done <= int(epochs):
+                    log.info(
+                        "%s: resuming from %s (%d epoch(s) done, sha256 %s…)",
+                        what,
+                        ckpt,
+                        found.epochs_done,
+                        found.sha256[:16],
+                    )
+                    return found
+                reason = (
+                    f"has {found.epochs_done} epochs done, more than the {int(epochs)} configured "
+                    "(a run never continues past its epoch count)"
+                )
+            else:
+                reason = found
+        if reason is not None:
+            log.warning("%s: %s %s; ignoring it and starting afresh", what, ckpt, reason)
+    if rank_zero:
+        for p in (ckpt, sidecar_path(ckpt)):
+            p.unlink(missing_ok=True)
+        _write_sidecar(ckpt, {**checkpoint_meta(config, inputs), "epochs_done": 0, "sha256": None})
     return None
 
 
+def find_resumable(
+    ckpt: str | os.PathLike,
+    config: Mapping,
+    *,
+    what: str,
+    inputs: Mapping[str, str] | None = None,
+    epochs: int | None = None,
+) -> str | None:
+    """``str(ckpt)`` if :func:`resumable_checkpoint` accepts it, else ``None``."""
+    found = resumable_checkpoint(ckpt, config, what=what, inputs=inputs, epochs=epochs)
+    return found.path if found is not None else None
+
+
+def checkpoint_meta(config: Mapping, inputs: Mapping[str, str] | None = None) -> dict:
+    """The sidecar's description of a run: its resume hash, the arguments and the inputs' hashes."""
+    inputs = dict(inputs or {})
+    return {
+        "hash": resume_key(config, inputs),
+        "config_hash": config_hash(config),
+        "inputs": inputs,
+        "config": _jsonable(config),
+    }
+
+
 def remove_checkpoint(ckpt: str | os.PathLike) -> None:
+    """Delete ``ckpt``, its sidecar and the temp files killed runs left (set-aside
+    ``*.corrupt-*`` files are kept)."""
     ckpt = Path(ckpt)
-    for p in (ckpt, ckpt.with_name(ckpt.name + ".tmp"), sidecar_path(ckpt)):
+    clean_temporaries(ckpt)
+    for p in (ckpt, sidecar_path(ckpt)):
         p.unlink(missing_ok=True)
 
 
 class EpochCheckpoint(Checkpoint):
-    """Full checkpoint at the end of every ``every``-th epoch, replaced atomically; 0 = never.
+    """Full checkpoint at the end of every ``every``-th epoch, written crash-safely; 0 = never.
 
     A ``Checkpoint`` subclass, so Lightning runs it after the LightningModule's and the other
-    callbacks' ``on_train_epoch_end`` (their end-of-epoch state is in the file). The sidecar's
-    ``epochs_done`` is updated after the checkpoint (a kill between the two renames leaves a
-    sidecar one epoch behind, which is only informational).
+    callbacks' ``on_train_epoch_end`` (their end-of-epoch state is in the file). Each save:
+
+    1. the checkpoint, with ``{"hash", "epochs_done"}`` under :data:`RESUME_KEY`, goes to a temp
+       file private to this process (:func:`temp_name`) and is fsynced;
+    2. the sidecar — :func:`checkpoint_meta`, ``epochs_done``, the new file's ``sha256`` and the
+       previous one's (``sha256_previous``) — replaces the old one (fsynced);
+    3. the temp file is renamed onto ``path`` and the folder fsynced.
+
+    A kill between 2 and 3 leaves the previous checkpoint beside a sidecar that still accepts it
+    (``sha256_previous``); its own ``epochs_done`` says where it stands.
     """
 
-    def __init__(self, path: str | os.PathLike, config: Mapping, every: int = 1) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: Mapping,
+        every: int = 1,
+        *,
+        inputs: Mapping[str, str] | None = None,
+        previous_sha256: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.every = int(every)
-        self.meta = {"hash": config_hash(config), "config": _jsonable(config)}
+        self.meta = checkpoint_meta(config, inputs)
+        self.sha256 = previous_sha256
+        self._saving: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._saving is not None:
+            checkpoint[RESUME_KEY] = {"hash": self.meta["hash"], "epochs_done": self._saving}
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.every <= 0 or (trainer.current_epoch + 1) % self.every:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(str(tmp), weights_only=False)  # every rank; rank 0 writes
-        if trainer.is_global_zero:
+        done = int(trainer.current_epoch) + 1
+        tmp = temp_name(self.path)
+        self._saving = done
+        try:
+            # the full training state (a save, not a load); every rank calls it, rank 0 writes
+            trainer.save_checkpoint(str(tmp), weights_only=False)
+        finally:
+            self._saving = None
+        if not trainer.is_global_zero:
+            return
+        try:
+            fsync_file(tmp)
+            sha = file_sha256(tmp)
+            _write_sidecar(self.path, {**self.meta, "epochs_done": done, "sha256": sha, "sha256_previous": self.sha256})
             os.replace(tmp, self.path)
-            done = int(trainer.current_epoch) + 1
-            write_json(sidecar_path(self.path), {**self.meta, "epochs_done": done})
+            fsync_dir(self.path.parent)
+            self.sha256 = sha
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- devices
