@@ -139,3 +139,34 @@ def check_sheet_columns(sheet, path: str | os.PathLike):
         if col not in sheet.columns:
             sheet[col] = ""
     return sheet
+
+
+# --- cross-scan pretraining (cellstage.ssl.crossscan): `init: simclr_xscan` is SimCLR with one view
+# per scan of a cell. Here (torch-free) because the workflow resolves the partner scan at start-up.
+CROSS_SCAN_SUFFIX = "_xscan"
+
+
+def is_cross_scan(method: str) -> bool:
+    """True for a cross-scan pretraining method name (``simclr_xscan``, ``dino_xscan``, ...)."""
+    return str(method).endswith(CROSS_SCAN_SUFFIX)
+
+
+def partner_scan(scan: str, scans, partners) -> str:
+    """The scan whose crops of the same cells pair with ``scan``'s in a cross-scan method: config
+    ``pretrain.partner_scan.<scan>``, else the other scan when config ``scans`` has exactly two."""
+    scans = list(scans)
+    chosen = (partners or {}).get(scan)
+    if chosen is None:
+        others = [s for s in scans if s != scan]
+        if len(others) != 1:
+            example = others[0] if others else "..."
+            raise CellstageError(
+                f"config pretrain.partner_scan.{scan}: a cross-scan method needs the partner scan of {scan!r} "
+                f"(config scans has {scans}; set e.g. pretrain.partner_scan: {{{scan}: {example}}})"
+            )
+        return others[0]
+    if chosen not in scans or chosen == scan:
+        raise CellstageError(
+            f"config pretrain.partner_scan.{scan}: {chosen!r} must be another key of config scans {scans}"
+        )
+    return chosen

@@ -105,9 +105,9 @@ def test_grid_loss_axis_names_and_defaults():
 
 @pytest.mark.parametrize("loss", ["soft", "ordinal"])
 def test_run_fold_trains_with_an_ordinal_loss_on_the_same_folds(tmp_path, loss):
-    from cellstage.train import run_fold
-
     from test_finetune import FAST, make_crop_source
+
+    from cellstage.train import run_fold
 
     torch.set_num_threads(1)
     train = [make_crop_source(tmp_path, "s1_20x", n_per_class=6, seed=1)]

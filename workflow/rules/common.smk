@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 # the checkout's package (as workflow/scripts/_src_path.py does for the rule scripts)
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from cellstage.config import check_config, check_sheet_columns
+from cellstage.config import check_config, check_sheet_columns, is_cross_scan, partner_scan
 from cellstage.report.annotators import read_annotator_sheet
 from cellstage.train.grid import experiments as grid_experiments
 from cellstage.training.folds import check_split_leaks
@@ -254,8 +254,15 @@ def pretrain_inputs(wildcards):
             f"in the sheet has split {PRETRAIN_POOL_SPLITS[config['pretrain']['pool']]}"
         )
     inputs = crops_of(ids)
-    val = crops_of(_slides_where(wildcards.scan, ("train",)))
+    val_ids = _slides_where(wildcards.scan, ("train",))
+    val = crops_of(val_ids)
     inputs["val_zarr"], inputs["val_index"] = val["zarr"], val["index"]
+    if is_cross_scan(wildcards.method):
+        # the same sections' crops on the partner scan (cellstage.ssl.crossscan: one view per scan of a cell)
+        other = partner_scan(wildcards.scan, config["scans"], config["pretrain"]["partner_scan"])
+        sections = {slides.loc[s, "section"] for s in [*ids, *val_ids]}
+        partner = crops_of(list(slides.index[(slides["scan"] == other) & slides["section"].isin(sections)]))
+        inputs["partner_zarr"], inputs["partner_index"] = partner["zarr"], partner["index"]
     if graded_ref_slides():
         sections = {slides.loc[s, "section"] for s in ids}
         inputs["grading"] = [f"results/grading/{_ref_slide_of(sec)}.parquet" for sec in sorted(sections)]

@@ -1,5 +1,5 @@
-"""Self-supervised pretraining on unlabelled crops (seed 000: SimCLR, DINO, MAE; seed 002:
-autoencoder; seed 004: SimSiam, dense SimSiam).
+"""Self-supervised pretraining on unlabelled crops (seed 000: SimCLR, DINO, MAE; seed 001:
+pseudo-colourising masked cells; seed 002: autoencoder; seed 004: SimSiam, dense SimSiam).
 
 ``METHODS[name]`` is a :class:`MethodSpec` with the LightningModule class and a transform
 factory ``make_transform(img_size, **overrides)`` (lightly transforms for the crop size).
@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import autoencoder, dino, mae, simclr, simsiam
+from ..config import CROSS_SCAN_SUFFIX
+from . import autoencoder, dino, mae, pseudocolor, simclr, simsiam
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class MethodSpec:
     module: type
     make_transform: Callable
     vit_only: bool = False
+    cross_scan: bool = False  # the odd views come from the cell's crop on the partner scan (.crossscan)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -32,7 +34,15 @@ METHODS: dict[str, MethodSpec] = {
     "autoencoder": MethodSpec("autoencoder", autoencoder.Autoencoder, autoencoder.make_transform),
     "simsiam": MethodSpec("simsiam", simsiam.SimSiam, simsiam.make_transform),
     "dense_simsiam": MethodSpec("dense_simsiam", simsiam.DenseSimSiam, simsiam.make_transform),
+    "pseudocolor": MethodSpec("pseudocolor", pseudocolor.PseudoColor, pseudocolor.make_transform),
 }
+# cross-scan positives (issue 12 item 5): the same methods, one view per scan of a cell; runnable as
+# `init: simclr_xscan` etc. beside the plain method (their own pretrain.methods.<name> settings block)
+METHODS.update({
+    f"{name}{CROSS_SCAN_SUFFIX}": MethodSpec(f"{name}{CROSS_SCAN_SUFFIX}", METHODS[name].module,
+                                             METHODS[name].make_transform, cross_scan=True)
+    for name in ("simclr", "dino", "simsiam", "dense_simsiam")
+})
 
 
 from .pretrain import pretrain  # noqa: E402  (the function shadows the submodule name)

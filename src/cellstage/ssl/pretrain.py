@@ -197,6 +197,7 @@ def pretrain(
     pool: str | None = None,
     checkpoint_every: int = 1,
     augment: dict | None = None,
+    partner_sources: Sequence[tuple[str, str]] = (),
 ) -> dict:
     """Self-supervised pretraining of ``backbone`` with ``method`` on the crops of ``sources``.
 
@@ -208,6 +209,9 @@ def pretrain(
     (1e-3 SimCLR/DINO, 1.5e-4 MAE). ``checkpoint_every``: resume checkpoint every that many epochs
     (0: never). ``augment``: config ``pretrain.augment`` (HED jitter in front of every view, Macenko
     normalisation per slide of pool and validation crops; :func:`cellstage.training.stain.stain_options`).
+    ``partner_sources``: for a cross-scan method (``simclr_xscan``, ...; :mod:`cellstage.ssl.crossscan`)
+    the crops of the partner scan of the same sections: each pool and validation crop is paired with
+    its cell's crop there (crops without one are left out), and the odd views come from it.
     Returns the summary that is also written to ``pretrain.json``.
     """
     import torch
@@ -256,13 +260,38 @@ def pretrain(
         if n_val_in_pool:
             log.warning("pretrain: %d of %d validation crops are also in the training pool (pool %r): the "
                         "validation loss is not held out", n_val_in_pool, len(val_index), pool)
-    jitter, stain = stain_options(augment, [*sources, *val_sources])
+    partner_index = pd.DataFrame()
+    if spec.cross_scan:
+        from .crossscan import pair_rows
+
+        if not partner_sources:
+            raise CellstageError(
+                f"pretrain: method {method!r} pairs every crop with the same cell's crop on the partner scan, "
+                "but no partner crops were given (config pretrain.partner_scan)"
+            )
+        partner_index = load_index(partner_sources)
+        n_paired_from = len(index)
+        index, partner_pos = pair_rows(index, partner_index, where=f"pretrain {method} pool")
+        if len(index) < 2:
+            raise CellstageError(f"pretrain: only {len(index)} of {n_paired_from} pool crops have a partner-scan crop")
+        if len(val_index):
+            val_index, val_partner_pos = pair_rows(val_index, partner_index, where=f"pretrain {method} validation")
+    elif partner_sources:
+        raise CellstageError(f"pretrain: partner crops given, but method {method!r} is not a cross-scan method")
+    jitter, stain = stain_options(augment, [*sources, *val_sources, *partner_sources])
     try:
         transform = add_hed_jitter(spec.make_transform(img_size, **(transform_kwargs or {})), jitter)
     except TypeError as e:
         raise CellstageError(f"pretrain.methods.{method}.views: {e} (keyword arguments of the method's "
                              "view transform)") from e
-    dataset = ZarrCropDataset(index, variant=variant, transform=transform, stain=stain)
+    if spec.cross_scan:
+        from .crossscan import CrossScanDataset
+
+        partner_crops = ZarrCropDataset(partner_index, variant=variant, stain=stain)
+        dataset = CrossScanDataset(ZarrCropDataset(index, variant=variant, stain=stain), partner_crops,
+                                   partner_pos, transform)
+    else:
+        dataset = ZarrCropDataset(index, variant=variant, transform=transform, stain=stain)
     crop_shape = tuple(dataset.image(0).shape)
 
     seed_all(seed)
@@ -275,7 +304,11 @@ def pretrain(
     )
     val_loader = None
     if len(val_index):
-        val_dataset = ZarrCropDataset(val_index, variant=variant, transform=transform, stain=stain)
+        if spec.cross_scan:
+            val_dataset = CrossScanDataset(ZarrCropDataset(val_index, variant=variant, stain=stain), partner_crops,
+                                           val_partner_pos, transform)
+        else:
+            val_dataset = ZarrCropDataset(val_index, variant=variant, transform=transform, stain=stain)
         # the training batch size (contrastive losses depend on it); a last batch of 1 crop is dropped
         vbs = int(min(bs, len(val_dataset)))
         val_loader = DataLoader(
@@ -290,11 +323,13 @@ def pretrain(
         "num_workers": int(num_workers), "method_kwargs": method_kwargs or {},
         "transform_kwargs": transform_kwargs or {}, "crops": _index_digest(index),
         "val_crops": _index_digest(val_index) if len(val_index) else None, "augment": augment or {},
+        "partner_crops": _index_digest(partner_index) if len(partner_index) else None,
     }
     last = out_dir / "last.ckpt"
     fit = fit_resumable(
         model, train_loader=loader, val_loader=val_loader, ckpt_path_last=last, resume_config=resume_config,
-        inputs=[p for s in (*sources, *val_sources) for p in s],  # resumed only if their content is unchanged
+        # resumed only if their content is unchanged
+        inputs=[p for s in (*sources, *val_sources, *partner_sources) for p in s],
         epochs=int(epochs), seed=seed, accelerator=accelerator, devices=devices,
         deterministic=resolve_deterministic(None, accelerator),  # True on CPU, "warn" on CUDA
         progress=progress, checkpoint_every=checkpoint_every, default_root_dir=out_dir,
@@ -323,6 +358,7 @@ def pretrain(
         "keep_lists": keep is not None and not isinstance(keep, pd.DataFrame) and [str(k) for k in (
             keep if isinstance(keep, (list, tuple)) else [keep]) if not isinstance(k, pd.DataFrame)] or None,
         "method_kwargs": method_kwargs or {}, "transform_kwargs": transform_kwargs or {}, "augment": augment or {},
+        "partner_sources": [list(s) for s in partner_sources] or None,
         "hparams": {k: v for k, v in dict(model.hparams).items()},
     }
     meta = {"method": method, "backbone": backbone, "img_size": img_size, "epoch": best_epoch}

@@ -17,7 +17,8 @@ from ..utils import CellstageError, set_torch_threads
 def pretrain(zarr_paths, index_paths, grading_paths, out_dir: str | os.PathLike, *, method: str, backbone: str,
              img_size: int, variant: str, epochs: int, batch_size: int, max_crops: int | None, seed: int,
              threads: int | None, devices: int, method_settings: dict | None = None, pool: str | None = None,
-             val_zarr_paths=(), val_index_paths=(), augment: dict | None = None) -> dict:
+             val_zarr_paths=(), val_index_paths=(), augment: dict | None = None, partner_zarr_paths=(),
+             partner_index_paths=()) -> dict:
     """Pretrain ``backbone`` with ``method`` on the crops of ``zarr_paths``/``index_paths`` (pairs),
     validated on the labelled crops of ``val_zarr_paths``/``val_index_paths`` (the train slides).
 
@@ -28,6 +29,8 @@ def pretrain(zarr_paths, index_paths, grading_paths, out_dir: str | os.PathLike,
     (``results/grading/*.parquet``); crops a grading marks ``keep`` False are left out of the pool
     (:func:`cellstage.ssl.pretrain.keep_lists`); empty: all crops. ``devices`` > 1: DDP; resumes
     from ``out_dir/last.ckpt``. ``augment``: ``pretrain.augment`` (stain jitter / normalisation).
+    ``partner_zarr_paths``/``partner_index_paths``: a cross-scan method's partner-scan crops
+    (:mod:`cellstage.ssl.crossscan`).
     """
     from .pretrain import keep_lists
     from .pretrain import pretrain as _pretrain
@@ -37,6 +40,7 @@ def pretrain(zarr_paths, index_paths, grading_paths, out_dir: str | os.PathLike,
     run = resolve_settings(method, backbone, epochs=epochs, batch_size=batch_size, method_settings=method_settings)
     zarr_paths, index_paths = [str(p) for p in zarr_paths], [str(p) for p in index_paths]
     val_sources = list(zip([str(p) for p in val_zarr_paths], [str(p) for p in val_index_paths]))
+    partner_sources = list(zip([str(p) for p in partner_zarr_paths], [str(p) for p in partner_index_paths]))
     return _pretrain(
         method,
         backbone,
@@ -54,6 +58,7 @@ def pretrain(zarr_paths, index_paths, grading_paths, out_dir: str | os.PathLike,
         method_kwargs=run.method_kwargs or None,
         transform_kwargs=run.transform_kwargs or None,
         val_sources=val_sources,
+        partner_sources=partner_sources,
         pool=pool,
         augment=augment,
     )
