@@ -196,6 +196,10 @@ def report_config_hash():
     return "test-config"
 
 
+def probe_files():
+    return RUN.get("probes", [])
+
+
 include: {report_smk!r}
 
 

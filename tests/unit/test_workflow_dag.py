@@ -153,6 +153,7 @@ def test_every_moving_scan_of_a_section_registers_on_its_own(tmp_path, demo):
     config = base_config()
     config["samples"] = str(tmp_path / "slides.tsv")
     config["scans"]["10x"] = {"crop_size": 20}
+    config["pretrain"]["partner_scan"] = {"40x": "20x"}  # cross-scan SimCLR: three scans, name the partner
     work = workdir(tmp_path, demo, config)
     out = snakemake(work, "-n")
 
@@ -171,8 +172,7 @@ def test_every_moving_scan_of_a_section_registers_on_its_own(tmp_path, demo):
 def test_a_backbone_name_with_dashes_and_dots_is_its_own_path_part(tmp_path, demo):
     config = base_config()
     backbone = "my-vit_small_patch16_224.augreg-in21k"
-    config["finetune"]["grid"]["backbone"] = ["resnet18", backbone]
-    config["finetune"]["grid"]["loss"] = ["ce"]
+    config["finetune"]["grid"].update(backbone=["resnet18", backbone], init=["scratch", "simclr"], loss=["ce"])
     work = workdir(tmp_path, demo, config)
     out = snakemake(work, "-n")
 
@@ -205,7 +205,7 @@ def test_the_loss_axis_is_its_own_path_part_and_reaches_the_report(tmp_path, dem
 
 def test_imagenet_init_reads_the_configured_weights_and_needs_no_pretraining(tmp_path, demo):
     config = base_config()
-    config["finetune"]["grid"]["init"] = ["scratch", "imagenet", "simclr"]
+    config["finetune"]["grid"].update(init=["scratch", "imagenet", "simclr"], loss=["ce"])
     work = workdir(tmp_path, demo, config)
     with pytest.raises(AssertionError, match="finetune.imagenet_weights.resnet18"):
         snakemake(work, "-n")
