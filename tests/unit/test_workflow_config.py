@@ -195,3 +195,16 @@ def test_validation_fills_every_nested_default():
     validate(partial, str(SCHEMAS / "config.schema.yaml"))
     assert partial["grading"]["loss_weights"] == {"useful": 2.0, "unsuitable": 1.0}
     assert partial["grading"]["epochs"] == 8
+
+
+def test_backbone_names_are_checked_against_timm_at_start_up():
+    from cellstage.train.grid import check_backbone, experiments
+    from cellstage.utils import CellstageError
+
+    check_backbone("resnet18", "finetune.grid")  # a paper backbone: no timm import
+    check_backbone("convnext_atto.d2_in1k", "finetune.grid")  # any timm model, pretrained tag allowed
+    finetune = {"recipe": {"scratch": "baseline"}, "losses": {},
+                "grid": {"scan": ["40x"], "background": [True], "backbone": ["resnt18"], "init": ["scratch"],
+                         "distance": [False]}}
+    with pytest.raises(CellstageError, match=r"finetune.grid.backbone: 'resnt18' is not a timm model.*'resnet18'"):
+        experiments(finetune, ["40x"])

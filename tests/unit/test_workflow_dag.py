@@ -171,7 +171,7 @@ def test_every_moving_scan_of_a_section_registers_on_its_own(tmp_path, demo):
 
 def test_a_backbone_name_with_dashes_and_dots_is_its_own_path_part(tmp_path, demo):
     config = base_config()
-    backbone = "my-vit_small_patch16_224.augreg-in21k"
+    backbone = "vit_small_patch16_224.augreg-in21k"  # a timm name with a pretrained tag ("-" and ".")
     config["finetune"]["grid"].update(backbone=["resnet18", backbone], init=["scratch", "simclr"], loss=["ce"])
     work = workdir(tmp_path, demo, config)
     out = snakemake(work, "-n")

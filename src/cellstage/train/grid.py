@@ -26,7 +26,7 @@ from pathlib import Path
 from ..utils import CellstageError
 from .losses import LOSSES, check_loss
 
-__all__ = ["GRID_KEYS", "OPTIONAL_GRID_KEYS", "experiment_name", "experiments"]
+__all__ = ["GRID_KEYS", "OPTIONAL_GRID_KEYS", "check_backbone", "experiment_name", "experiments"]
 
 GRID_KEYS = ("scan", "background", "backbone", "init", "distance")
 OPTIONAL_GRID_KEYS = {"loss": ["ce"]}  # key -> its value when a grid does not list it
@@ -37,6 +37,28 @@ def experiment_name(exp: Mapping) -> str:
     loss = exp.get("loss", "ce")
     return (f"{exp['scan']}-{'bg' if exp['background'] else 'nobg'}-{exp['backbone']}-{exp['init']}-"
             f"{'dist' if exp['distance'] else 'nodist'}" + ("" if loss == "ce" else f"-{loss}"))
+
+
+# the paper's backbones (seed 000 §4.2-4.3): known without importing timm (which takes seconds)
+PAPER_BACKBONES = frozenset({"resnet18", "resnet50", "resnet101", "vit_tiny_patch16_224", "vit_small_patch16_224",
+                             "vit_base_patch16_224"})
+
+
+def check_backbone(name: str, where: str) -> None:
+    """A :class:`CellstageError` naming ``where`` and the closest timm names when ``name`` is not a
+    timm model (a pretrained tag such as ``.augreg_in21k`` is allowed). Imports timm only for names
+    outside :data:`PAPER_BACKBONES`, so the workflow checks the grid at start-up cheaply."""
+    if name in PAPER_BACKBONES:
+        return
+    import difflib
+
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else " (see timm.list_models())"
+    raise CellstageError(f"config {where}.backbone: {name!r} is not a timm model (timm {timm.__version__}){hint}")
 
 
 def _check_imagenet_weights(finetune: Mapping, backbone: str) -> None:
@@ -61,7 +83,7 @@ def _grids(finetune: Mapping) -> list[tuple[str, Mapping]]:
 def experiments(finetune: Mapping, scans) -> dict[str, dict]:
     """Experiment name -> fields, for the config section ``finetune`` (defaults filled) and the
     configured ``scans``. Raises a :class:`~cellstage.utils.CellstageError` naming the config key
-    for a value the workflow cannot run (unknown scan, a backbone name with '/', MAE on a
+    for a value the workflow cannot run (unknown scan, a backbone name with '/' or unknown to timm, MAE on a
     non-ViT, an init without a recipe, ImageNet weights not configured or missing, an unknown
     loss or loss setting)."""
     out: dict[str, dict] = {}
@@ -82,6 +104,7 @@ def experiments(finetune: Mapping, scans) -> dict[str, dict]:
                     f"config {where}.backbone: {backbone!r} is not a timm model name usable as a path part "
                     "(no '/'; a hub model must be given by its timm name)"
                 )
+            check_backbone(backbone, where)
             if init == "mae" and not backbone.startswith(VIT_PREFIXES):
                 raise CellstageError(f"config {where}: init 'mae' needs a ViT backbone, not {backbone!r}")
             if init not in finetune["recipe"]:
