@@ -32,6 +32,7 @@ rule pretrain:
         variant=config["pretrain"]["variant"],
         pool=config["pretrain"]["pool"],
         augment=config["pretrain"]["augment"],
+        num_workers=config["pretrain"]["num_workers"],
         epochs=config["pretrain"]["epochs"],
         batch_size=config["pretrain"]["batch_size"],
         max_crops=config["pretrain"]["max_crops"],

@@ -26,6 +26,7 @@ with redirect_output(snakemake.log[0]):
         val_zarr_paths=list(snakemake.input.val_zarr),
         val_index_paths=list(snakemake.input.val_index),
         augment=snakemake.params.augment,
+        num_workers=snakemake.params.num_workers,
         # cross-scan methods (simclr_xscan, ...): the partner scan's crops of the same sections
         partner_zarr_paths=list(snakemake.input.get("partner_zarr", [])),
         partner_index_paths=list(snakemake.input.get("partner_index", [])),

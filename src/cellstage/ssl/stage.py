@@ -18,7 +18,7 @@ def pretrain(zarr_paths, index_paths, grading_paths, out_dir: str | os.PathLike,
              img_size: int, variant: str, epochs: int, batch_size: int, max_crops: int | None, seed: int,
              threads: int | None, devices: int, method_settings: dict | None = None, pool: str | None = None,
              val_zarr_paths=(), val_index_paths=(), augment: dict | None = None, partner_zarr_paths=(),
-             partner_index_paths=()) -> dict:
+             partner_index_paths=(), num_workers: int = 0) -> dict:
     """Pretrain ``backbone`` with ``method`` on the crops of ``zarr_paths``/``index_paths`` (pairs),
     validated on the labelled crops of ``val_zarr_paths``/``val_index_paths`` (the train slides).
 
@@ -30,7 +30,7 @@ def pretrain(zarr_paths, index_paths, grading_paths, out_dir: str | os.PathLike,
     (:func:`cellstage.ssl.pretrain.keep_lists`); empty: all crops. ``devices`` > 1: DDP; resumes
     from ``out_dir/last.ckpt``. ``augment``: ``pretrain.augment`` (stain jitter / normalisation).
     ``partner_zarr_paths``/``partner_index_paths``: a cross-scan method's partner-scan crops
-    (:mod:`cellstage.ssl.crossscan`).
+    (:mod:`cellstage.ssl.crossscan`). ``num_workers``: ``pretrain.num_workers`` (DataLoader workers).
     """
     from .pretrain import keep_lists
     from .pretrain import pretrain as _pretrain
@@ -61,6 +61,7 @@ def pretrain(zarr_paths, index_paths, grading_paths, out_dir: str | os.PathLike,
         partner_sources=partner_sources,
         pool=pool,
         augment=augment,
+        num_workers=int(num_workers),
     )
 
 
