@@ -9,12 +9,13 @@ CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds
 PYTEST_ARGS ?=
 
-.PHONY: check demo test test-fast test-slurm bench lint report clean-results help setup setup-bioformats setup-env-twins demo-data tables setup-chromium
+.PHONY: check demo test test-fast test-slurm test-kill bench lint report clean-results help setup setup-bioformats setup-env-twins demo-data tables setup-chromium
 
 help:
 	@echo "make demo        set up, generate the demo slides, run the whole workflow"
 	@echo "make test        set up, run the test suite (unit + integration)"
 	@echo "make test-fast   unit tests only"
+	@echo "make test-kill   SIGKILL at KILL_POINTS (10) random points of a tiny run, rerun, same tables (tests/integration/test_kill.py)"
 	@echo "make bench       benchmarks -> results/bench/*.json"
 	@echo "make check       import-linter layer contract, ruff, snakefmt (run by make test)"
 	@echo "make lint        make check + snakemake --lint"
@@ -133,6 +134,15 @@ test-fast: setup setup-bioformats
 test-slurm: setup
 	$(BIN)/python -m pytest -m slurm -rA tests/integration $(PYTEST_ARGS); status=$$?; \
 	  if [ "$$(id -u)" -eq 0 ]; then .ci/slurm/stop-cluster.sh 2>/dev/null; fi; exit $$status
+
+# The kill harness (issue 15): a reduced tiny run killed at KILL_POINTS random points (stage processes
+# and snakemake itself, alternately; seeded by KILL_SEED) and rerun must end with the tables of an
+# uninterrupted run and no .tmp leftovers. Plain pytest (make test) runs it with 3 points.
+KILL_POINTS ?= 10
+KILL_SEED ?= 0
+test-kill: setup
+	CELLSTAGE_KILL_POINTS=$(KILL_POINTS) CELLSTAGE_KILL_SEED=$(KILL_SEED) \
+	  $(BIN)/python -m pytest -m kill -s -rA tests/integration/test_kill.py $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m pytest tests/benchmarks -s $(PYTEST_ARGS)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import platform
 import random
+import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +29,73 @@ class CellstageError(RuntimeError):
     """A user-facing error: the message names the file/field and what to fix."""
 
 
+# a temporary folder of another host older than this is a leftover of a killed job
+STALE_TEMP_S = 3600.0
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname().split(".")[0]) or "host"
+_ATOMIC_TEMP = re.compile(r"(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[^.]*")
+
+
+def _process_alive_since(pid: int, created: float) -> bool:
+    """Whether process ``pid`` of this host runs and was started no later than ``created`` (a
+    reused pid that started after the temp folder was made is not its owner; Linux /proc)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        pass
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(float(line.split()[1]) for line in fh if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True  # cannot tell: keep it
+    return boot + ticks / os.sysconf("SC_CLK_TCK") <= created + 1.0
+
+
+def clean_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Remove the ``.<name>.*.tmp`` folders that killed jobs left beside ``final`` (by
+    :func:`atomic_path`); returns them. A SIGKILL skips ``atomic_path``'s clean-up, and the rerun of
+    the job is the first to know the folder is garbage (issue 15: partial ``.tmp`` stores were left
+    behind and never cleaned).
+
+    Kept: the folders of a live process of this host that is older than the folder (another copy
+    of the job writing now) and, since other hosts' processes cannot be checked, other hosts'
+    folders younger than :data:`STALE_TEMP_S`.
+    """
+    final = Path(final)
+    removed = []
+    now = time.time()
+    prefix = f".{final.name}."
+    for p in final.parent.glob(glob.escape(prefix) + "*.tmp"):
+        m = _ATOMIC_TEMP.fullmatch(p.name[len(prefix) : -len(".tmp")])
+        try:
+            created = p.stat().st_mtime
+            mine = m and m["host"] == _HOST and int(m["pid"]) != os.getpid()
+            if mine and _process_alive_since(int(m["pid"]), created):
+                continue
+            if m and m["host"] != _HOST and now - created < STALE_TEMP_S:
+                continue
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        log.info("removed %s (left by a killed job)", p)
+        removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, *, is_dir: bool | None = None):
     """Yield a temporary sibling path; rename it onto ``final`` only if the block succeeds.
 
-    A killed or failing job therefore never leaves an output that looks finished.
+    A killed or failing job therefore never leaves an output that looks finished. The temporary
+    folder ``.<name>.<host>-<pid>-<random>.tmp`` names its owner, so the next writer of ``final``
+    removes what a killed one left (:func:`clean_stale_temporaries`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    clean_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=final.parent))
     target = tmp / final.name
     try:
         yield target
@@ -42,6 +104,32 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool | None = None):
         os.replace(target, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def canonical_safetensors(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, in place.
+
+    safetensors 0.8 writes the ``metadata`` map in the iteration order of a Rust ``HashMap``,
+    which is seeded per process: two saves of the same tensors and metadata (two runs, or a killed
+    run and its rerun) differ in bytes, and so do the checksums that provenance and content-keyed
+    resume take of them (issue 15 item 7; measured: 4 saves in 4 processes, 4 different files).
+    The sorted header has the same length (same content), so the tensor offsets stay valid.
+    """
+    import struct
+
+    with open(path, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        meta = header.get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        rest = {k: v for k, v in header.items() if k != "__metadata__"}
+        header = {"__metadata__": dict(sorted(meta.items())), **rest}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > n:  # cannot happen for the same content; leave the file as written
+            return
+        fh.seek(8)
+        fh.write(raw + b" " * (n - len(raw)))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..utils import CellstageError, atomic_path, provenance, write_json
+from ..utils import CellstageError, atomic_path, canonical_safetensors, provenance, write_json
 
 log = logging.getLogger("cellstage.ssl")
 
@@ -403,3 +403,4 @@ def _save_state(state: dict, path: Path, metadata: dict) -> None:
     state = {k: v.contiguous() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        canonical_safetensors(tmp)  # the same bytes for the same weights (metadata order)

@@ -29,11 +29,12 @@ def feature_dim(model: nn.Module) -> int:
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    from ..utils import atomic_path
+    from ..utils import atomic_path, canonical_safetensors
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        canonical_safetensors(tmp)  # the same bytes for the same weights (metadata order)
 
 
 def _read_state_dict(path: Path) -> dict:
