@@ -32,3 +32,30 @@ def cellpose_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("cellpose") / "model"
     train_segmenter([sec.image], [sec.labels], out, epochs=120, nimg_per_epoch=16, batch_size=4, max_eval_tiles=2)
     return str(out)
+
+
+class StopTraining(Exception):
+    """Raised at the first batch of an epoch by :func:`stop_in_epoch`."""
+
+
+@pytest.fixture
+def stop_in_epoch(monkeypatch):
+    """``stop_in_epoch(fn, epoch)``: call ``fn()`` and stop its training with an exception at the
+    first batch of ``epoch`` (0-based), leaving the checkpoint files a kill at that moment leaves
+    (epochs ``0..epoch-1`` done). A finished run keeps no checkpoint, so resuming is tested on an
+    interrupted one."""
+    from cellstage.training import resume
+
+    def run(fn, epoch: int):
+        def hook(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == epoch and batch_idx == 0:
+                raise StopTraining(f"stopped in epoch {epoch}")
+
+        monkeypatch.setattr(resume.EpochCheckpoint, "on_train_batch_end", hook, raising=False)
+        try:
+            with pytest.raises(StopTraining):
+                fn()
+        finally:
+            monkeypatch.delattr(resume.EpochCheckpoint, "on_train_batch_end", raising=False)
+
+    return run

@@ -272,6 +272,7 @@ def test_stages_pass_devices_to_the_trainers(tmp_path, monkeypatch):
         return f
 
     import importlib
+    import types
 
     import cellstage.crops
     import cellstage.io.slides
@@ -281,7 +282,8 @@ def test_stages_pass_devices_to_the_trainers(tmp_path, monkeypatch):
     monkeypatch.setattr(cellstage.train.cv, "run_fold", fake("finetune"))
     monkeypatch.setattr(importlib.import_module("cellstage.ssl.pretrain"), "pretrain", fake("pretrain"))
     monkeypatch.setattr(cellstage.reduce.grader, "train_grader", fake("grader"))
-    monkeypatch.setattr(cellstage.io.slides, "ZarrSlide", lambda p: p)
+    # a stand-in slide: the grader stage checks its points against the slide's size
+    monkeypatch.setattr(cellstage.io.slides, "ZarrSlide", lambda p: types.SimpleNamespace(dimensions=(100, 100)))
     monkeypatch.setattr(cellstage.crops, "crops_at_points",
                         lambda s, x, y, size: np.zeros((len(x), size, size, 3), np.uint8))
 

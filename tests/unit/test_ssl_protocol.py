@@ -119,16 +119,15 @@ def test_best_validation_epoch_is_exported_and_recorded(tmp_path, sources):
     # the validation loss of an epoch does not depend on how long the run is (fixed views)
     hb = pd.read_csv(tmp_path / "best" / "history.csv")
     pd.testing.assert_frame_equal(hb, hist.iloc[:best], check_exact=True)
-    if best < 3:  # then the last epoch's weights differ from the exported ones
-        last = torch.load(tmp_path / "three" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-        assert any(not torch.equal(last[f"backbone_model.{k}"], wa[k]) for k in wa if wa[k].is_floating_point())
+    assert not (tmp_path / "three" / "last.ckpt").exists()  # a finished run keeps no checkpoint (issue 15)
     heads = load_file(tmp_path / "three" / "heads.safetensors")
     assert heads and all(k.startswith("projection_head.") for k in heads)
 
 
-def test_resumed_run_with_validation_equals_straight_run(tmp_path, sources):
+def test_resumed_run_with_validation_equals_straight_run(tmp_path, sources, stop_in_epoch):
     kw = dict(val_sources=[sources["train"]], pool="unlabelled", **FAST)
-    pretrain("simclr", "resnet18", [sources["unlabelled"]], tmp_path / "resumed", epochs=1, **kw)
+    stop_in_epoch(lambda: pretrain("simclr", "resnet18", [sources["unlabelled"]], tmp_path / "resumed", epochs=2,
+                                   **kw), 1)
     a = pretrain("simclr", "resnet18", [sources["unlabelled"]], tmp_path / "resumed", epochs=2, **kw)
     b = pretrain("simclr", "resnet18", [sources["unlabelled"]], tmp_path / "straight", epochs=2, **kw)
     assert a["resumed_from_epoch"] == 1
