@@ -35,6 +35,12 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname().split(".")[0]) or "host
 _ATOMIC_TEMP = re.compile(r"(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[^.]*")
 
 
+def temp_owner() -> str:
+    """``<host>-<pid>-``: the start of a temporary's owner tag (a random part follows), so that
+    :func:`clean_stale_temporaries` can tell a live writer's temporary from a killed one's."""
+    return f"{_HOST}-{os.getpid()}-"
+
+
 def _process_alive_since(pid: int, created: float) -> bool:
     """Whether process ``pid`` of this host runs and was started no later than ``created`` (a
     reused pid that started after the temp folder was made is not its owner; Linux /proc)."""
@@ -53,20 +59,22 @@ def _process_alive_since(pid: int, created: float) -> bool:
     return boot + ticks / os.sysconf("SC_CLK_TCK") <= created + 1.0
 
 
-def clean_stale_temporaries(final: str | os.PathLike) -> list[Path]:
-    """Remove the ``.<name>.*.tmp`` folders that killed jobs left beside ``final`` (by
-    :func:`atomic_path`); returns them. A SIGKILL skips ``atomic_path``'s clean-up, and the rerun of
+def clean_stale_temporaries(final: str | os.PathLike, *, hidden: bool = True) -> list[Path]:
+    """Remove the temporaries that killed jobs left beside ``final``: the ``.<name>.<owner>.tmp``
+    folders of :func:`atomic_path` (``hidden``) or the ``<name>.<owner>.tmp`` files of the
+    checkpoint writer (:func:`cellstage.training.resume.temp_name`); returns them. A SIGKILL skips
+    ``atomic_path``'s clean-up, and the rerun of
     the job is the first to know the folder is garbage (issue 15: partial ``.tmp`` stores were left
     behind and never cleaned).
 
-    Kept: the folders of a live process of this host that is older than the folder (another copy
+    Kept: the temporaries of a live process of this host that is older than them (another copy
     of the job writing now) and, since other hosts' processes cannot be checked, other hosts'
     folders younger than :data:`STALE_TEMP_S`.
     """
     final = Path(final)
     removed = []
     now = time.time()
-    prefix = f".{final.name}."
+    prefix = f".{final.name}." if hidden else f"{final.name}."
     for p in final.parent.glob(glob.escape(prefix) + "*.tmp"):
         m = _ATOMIC_TEMP.fullmatch(p.name[len(prefix) : -len(".tmp")])
         try:
@@ -95,7 +103,7 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool | None = None):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_HOST}-{os.getpid()}-", suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{temp_owner()}", suffix=".tmp", dir=final.parent))
     target = tmp / final.name
     try:
         yield target

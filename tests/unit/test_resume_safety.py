@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from cellstage import utils
 from cellstage.training import resume
 from cellstage.training.fit import fit_resumable
 from cellstage.utils import CellstageError
@@ -354,7 +355,7 @@ def test_changed_input_and_arguments_are_named_in_the_log(tmp_path, caplog):
 def test_leftover_temp_files_are_cleaned_but_a_live_writers_are_kept(tmp_path):
     ck = tmp_path / "ck" / "last.ckpt"
     ck.parent.mkdir()
-    host = resume._HOST
+    host = utils._HOST
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
@@ -374,7 +375,7 @@ def test_leftover_temp_files_are_cleaned_but_a_live_writers_are_kept(tmp_path):
 
 def test_temp_names_are_private_to_the_process():
     a, b = resume.temp_name("/x/last.ckpt"), resume.temp_name("/x/last.ckpt")
-    assert a != b and a.name.startswith(f"last.ckpt.{resume._HOST}-{os.getpid()}-") and a.suffix == ".tmp"
+    assert a != b and a.name.startswith(f"last.ckpt.{utils._HOST}-{os.getpid()}-") and a.suffix == ".tmp"
 
 
 def test_content_hash_reads_bytes_of_files_and_zarr_directories(tmp_path):

@@ -52,16 +52,12 @@ on CUDA, bit-identity further needs deterministic kernels (``deterministic=True`
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
 import random
-import re
 import secrets
-import shutil
-import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -73,7 +69,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from torch.utils.data import Sampler
 
-from ..utils import CellstageError
+from ..utils import CellstageError, clean_stale_temporaries, temp_owner
 
 log = logging.getLogger("cellstage.train")  # the trainers' logger (messages name the trainer)
 
@@ -269,9 +265,6 @@ def _digest(obj) -> str:
 
 # ------------------------------------------------------------------------ checkpoints
 RESUME_KEY = "cellstage_resume"  # in the checkpoint: {"hash", "epochs_done"} (what resuming trusts)
-STALE_TEMP_S = 3600.0  # a temp file of another host older than this is a leftover of a killed run
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname().split(".")[0]) or "host"
-_TEMP = re.compile(r"\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
 
 
 def config_hash(config: Mapping) -> str:
@@ -307,7 +300,7 @@ def temp_name(path: str | os.PathLike) -> Path:
     """A temporary sibling of ``path`` private to this process: ``<name>.<host>-<pid>-<random>.tmp``
     (two copies of one job never write the same temp file)."""
     path = Path(path)
-    return path.with_name(f"{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return path.with_name(f"{path.name}.{temp_owner()}{secrets.token_hex(4)}.tmp")
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -349,48 +342,24 @@ def _write_sidecar(ckpt: Path, meta: Mapping) -> None:
     write_durable(sidecar_path(ckpt), (json.dumps(meta, indent=2) + "\n").encode())
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def clean_temporaries(ckpt: str | os.PathLike) -> list[Path]:
     """Remove the temp files that killed runs left beside ``ckpt`` and its sidecar; returns them.
 
-    Kept: the temp files of another live process on this host (a second copy of the job writing
-    right now) and, since other hosts' processes cannot be checked, other hosts' temp files
-    younger than :data:`STALE_TEMP_S`. Also removed: ``<name>.tmp`` and ``.<name>.*.tmp/`` of
-    older cellstage versions.
+    The rule is :func:`cellstage.utils.clean_stale_temporaries`'s (kept: another live writer's
+    on this host, other hosts' younger than :data:`cellstage.utils.STALE_TEMP_S`), for the
+    checkpoint writer's ``<name>.<owner>.tmp`` files and :func:`~cellstage.utils.atomic_path`'s
+    ``.<name>.<owner>.tmp`` folders. Also removed: ``<name>.tmp`` of older cellstage versions.
     """
     ckpt = Path(ckpt)
     if not ckpt.parent.is_dir():
         return []
     removed = []
-    now = time.time()
-    for base in (ckpt.name, sidecar_path(ckpt).name):
-        for p in ckpt.parent.glob(glob.escape(base) + ".*.tmp"):
-            m = _TEMP.fullmatch(p.name[len(base) :])
-            if m and m["host"] == _HOST and int(m["pid"]) != os.getpid() and _pid_alive(int(m["pid"])):
-                continue
-            try:
-                if m and m["host"] != _HOST and now - p.stat().st_mtime < STALE_TEMP_S:
-                    continue
-                p.unlink()
-                removed.append(p)
-            except FileNotFoundError:
-                continue
-        legacy = ckpt.with_name(base + ".tmp")
+    for base in (ckpt, sidecar_path(ckpt)):
+        removed += clean_stale_temporaries(base, hidden=False) + clean_stale_temporaries(base, hidden=True)
+        legacy = base.with_name(base.name + ".tmp")
         if legacy.is_file():
             legacy.unlink(missing_ok=True)
             removed.append(legacy)
-        for d in ckpt.parent.glob("." + glob.escape(base) + ".*.tmp"):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
     return removed
 
 
