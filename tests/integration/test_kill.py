@@ -114,6 +114,7 @@ VOLATILE_JSON_KEYS = {
     "mp_per_s",
     "epochs_this_run",  # with resumed_from_epoch: what a resumed training had left to do
     "resumed_from_epoch",  # says that a killed training resumed (the weights must still be the same)
+    "resumed",  # metrics.json of a fine-tuning fold: whether it resumed (its metrics must still be equal)
     "source_path",  # the converted slide's absolute path (OME-Zarr attributes)
 }
 CHECKSUM_MAPS = {"inputs", "outputs"}
