@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import CROSS_SCAN_SUFFIX
-from . import autoencoder, dino, mae, pseudocolor, simclr, simsiam
+from . import autoencoder, ctfm, dino, mae, pseudocolor, simclr, simsiam
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class MethodSpec:
     make_transform: Callable
     vit_only: bool = False
     cross_scan: bool = False  # the odd views come from the cell's crop on the partner scan (.crossscan)
+    # a cross-scan method's own dataset (own, partner, positions, transform, method_kwargs); None: CrossScanDataset
+    paired_dataset: Callable | None = None
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -43,6 +45,9 @@ METHODS.update({
                                              METHODS[name].make_transform, cross_scan=True)
     for name in ("simclr", "dino", "simsiam", "dense_simsiam")
 })
+# seed 004 CTFM (issue 12 item 4): 20x context field + 40x target crops of the partner scan
+METHODS["ctfm"] = MethodSpec("ctfm", ctfm.CTFM, ctfm.make_transform, cross_scan=True,
+                             paired_dataset=ctfm.paired_dataset)
 
 
 from .pretrain import pretrain  # noqa: E402  (the function shadows the submodule name)

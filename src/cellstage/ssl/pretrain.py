@@ -288,8 +288,13 @@ def pretrain(
         from .crossscan import CrossScanDataset
 
         partner_crops = ZarrCropDataset(partner_index, variant=variant, stain=stain)
-        dataset = CrossScanDataset(ZarrCropDataset(index, variant=variant, stain=stain), partner_crops,
-                                   partner_pos, transform)
+
+        def paired(own, pos):  # one view per scan, or the method's own pairing (ctfm: context field + targets)
+            if spec.paired_dataset is not None:
+                return spec.paired_dataset(own, partner_crops, pos, transform, method_kwargs)
+            return CrossScanDataset(own, partner_crops, pos, transform)
+
+        dataset = paired(ZarrCropDataset(index, variant=variant, stain=stain), partner_pos)
     else:
         dataset = ZarrCropDataset(index, variant=variant, transform=transform, stain=stain)
     crop_shape = tuple(dataset.image(0).shape)
@@ -305,8 +310,7 @@ def pretrain(
     val_loader = None
     if len(val_index):
         if spec.cross_scan:
-            val_dataset = CrossScanDataset(ZarrCropDataset(val_index, variant=variant, stain=stain), partner_crops,
-                                           val_partner_pos, transform)
+            val_dataset = paired(ZarrCropDataset(val_index, variant=variant, stain=stain), val_partner_pos)
         else:
             val_dataset = ZarrCropDataset(val_index, variant=variant, transform=transform, stain=stain)
         # the training batch size (contrastive losses depend on it); a last batch of 1 crop is dropped
