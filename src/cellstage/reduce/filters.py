@@ -3,7 +3,9 @@
 - Level One: Laplace-variance blur filter on patches (:func:`laplacian_variance`,
   :func:`blur_filter`); CIELab a/b K-means segmentation (:func:`lab_kmeans_nuclei`, k = 3).
 - Level Two: compactness = perimeter² / area of the crop's central object, K-means with k = 2
-  on it, keep the compact cluster (:func:`compactness_filter`).
+  on it, keep the compact cluster (:func:`compactness_filter`; :func:`keep_compact` on values
+  already measured).
+- The levels on whole slides: :mod:`cellstage.reduce.levels`.
 - :func:`reduction_table`: counts kept per level (seed 003 Table 2 shape).
 """
 
@@ -57,6 +59,7 @@ def lab_kmeans_nuclei(
     max_fit_pixels: int = 20000,
     closing_radius: int = 1,
     min_size: int = 8,
+    min_contrast: float = 0.0,
 ) -> np.ndarray:
     """Segment stained cells/nuclei of an RGB patch by K-means on CIELab a/b (L dropped).
 
@@ -64,8 +67,15 @@ def lab_kmeans_nuclei(
     ``"purple"`` (default, haematoxylin: red + blue, max a* − b*), ``"blue"`` (min b*) or
     ``"red"`` (max a*, seed 003's choice for May-Grünwald-Giemsa blasts). Then a morphological
     closing (``closing_radius``) and removal of objects smaller than ``min_size`` px (seed 003
-    M(·)). K-means is fitted on at most ``max_fit_pixels`` sampled pixels (seeded) and predicts
-    all pixels. Returns a bool mask (H, W).
+    M(·)). Objects are 8-connected (as the contours Level One counts). K-means is fitted on at
+    most ``max_fit_pixels`` sampled pixels (seeded) and predicts all pixels. Returns a bool mask
+    (H, W).
+
+    ``min_contrast`` (a*b* units, 0 = off): K-means always returns k clusters, so a patch of
+    background alone is split into clusters of its noise whose centres lie close together; the
+    mask is empty unless the chosen centre is at least ``min_contrast`` away from the farthest
+    other centre (our guard; seed 003 does not say how empty patches behave). Stained cells lie
+    tens of units from a white background, noise a unit or two.
     """
     from scipy import ndimage as ndi
     from sklearn.cluster import KMeans
@@ -87,13 +97,16 @@ def lab_kmeans_nuclei(
         score = c[:, 0]
     else:
         raise CellstageError(f"lab_kmeans_nuclei: criterion {criterion!r} not in purple/blue/red")
-    mask = (km.predict(ab) == int(np.argmax(score))).reshape(h, w)
+    chosen = int(np.argmax(score))
+    if min_contrast > 0 and np.linalg.norm(c - c[chosen], axis=1).max() < min_contrast:
+        return np.zeros((h, w), bool)
+    mask = (km.predict(ab) == chosen).reshape(h, w)
     if closing_radius > 0:
         st = ndi.generate_binary_structure(2, 1)
         mask = ndi.binary_closing(mask, structure=st, iterations=closing_radius, border_value=0)
         mask = ndi.binary_fill_holes(mask)
     if min_size > 0:
-        lab, n = ndi.label(mask)
+        lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
         if n:
             sizes = np.bincount(lab.ravel())
             small = sizes < min_size
@@ -136,8 +149,6 @@ def compactness_filter(masks_or_crops, seed: int = 0, *, min_separation: float =
     derived threshold instead; this guard is our reading). Returns a bool keep-array (and the
     compactness values with ``return_values``).
     """
-    from sklearn.cluster import KMeans
-
     arr = np.asarray(masks_or_crops)
     if arr.ndim == 4 and arr.shape[-1] >= 3:
         masks = [lab_kmeans_nuclei(c, seed=seed) for c in arr]
@@ -146,6 +157,20 @@ def compactness_filter(masks_or_crops, seed: int = 0, *, min_separation: float =
     else:
         raise CellstageError(f"compactness_filter: expected (N,H,W) masks or (N,H,W,3) crops, got {arr.shape}")
     values = np.array([central_compactness(m) for m in masks], dtype=float)
+    keep = keep_compact(values, seed, min_separation=min_separation)
+    return (keep, values) if return_values else keep
+
+
+def keep_compact(values, seed: int = 0, *, min_separation: float = 1.25) -> np.ndarray:
+    """The clustering step of :func:`compactness_filter` on compactness values already measured.
+
+    Seed 003 §2.1.2: "a K-Means clustering C(·) with k = 2 is performed" on perimeter²/area;
+    the cluster with the lower centre (rounder objects) is kept. Non-finite values (no object)
+    are never kept; centres closer than the ratio ``min_separation`` keep every finite value.
+    """
+    from sklearn.cluster import KMeans
+
+    values = np.asarray(values, dtype=float).ravel()
     keep = np.isfinite(values)
     finite = values[keep]
     if len(np.unique(finite)) >= 2:
@@ -155,7 +180,7 @@ def compactness_filter(masks_or_crops, seed: int = 0, *, min_separation: float =
         if hi / max(lo, 1e-9) >= min_separation:
             sel = km.predict(finite.reshape(-1, 1)) == int(np.argmin(centres))
             keep[np.flatnonzero(keep)] = sel
-    return (keep, values) if return_values else keep
+    return keep
 
 
 def reduction_table(counts: dict) -> pd.DataFrame:
