@@ -9,10 +9,11 @@ CORES ?= 2
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds
 PYTEST_ARGS ?=
 
-.PHONY: check demo test test-fast test-slurm test-kill bench lint report clean-results help setup setup-bioformats setup-env-twins demo-data tables setup-chromium
+.PHONY: check demo demo-aml demo-aml-data test test-fast test-slurm test-kill bench lint report clean-results help setup setup-bioformats setup-env-twins demo-data tables setup-chromium
 
 help:
 	@echo "make demo        set up, generate the demo slides, run the whole workflow"
+	@echo "make demo-aml    the AML pipeline (seed 003) alone on the smear demo (config/aml-demo.yaml; make demo runs it too)"
 	@echo "make test        set up, run the test suite (unit + integration)"
 	@echo "make test-fast   unit tests only"
 	@echo "make test-kill   SIGKILL at KILL_POINTS (10) random points of a tiny run, rerun, same tables (tests/integration/test_kill.py)"
@@ -98,7 +99,16 @@ demo-data: setup
 demo: setup demo-data
 	time $(SNAKEMAKE)
 	$(SNAKEMAKE) --report results/report.html
-	@echo "done: see results/report/ and results/report.html"
+	$(MAKE) demo-aml
+	@echo "done: see results/report/, results/report.html, results/aml/report/ and results/aml/report.html"
+
+# The AML paper's pipeline (seed 003) on the smear demo: Levels One to Three, MIL, its tables
+demo-aml-data: setup
+	$(BIN)/python -m cellstage.demo resources/smear --preset smear --seed 0
+
+demo-aml: setup demo-aml-data
+	time $(SNAKEMAKE) --configfile config/aml-demo.yaml
+	$(SNAKEMAKE) --configfile config/aml-demo.yaml --report results/aml/report.html
 
 report: setup
 	$(SNAKEMAKE) --report results/report.html

@@ -22,6 +22,7 @@ include: "workflow/rules/probe.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/annotators.smk"
+include: "workflow/rules/aml.smk"
 
 
 rule all:

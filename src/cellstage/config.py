@@ -144,11 +144,13 @@ def check_sheet_columns(sheet, path: str | os.PathLike):
 # --- cross-scan pretraining (cellstage.ssl.crossscan): `init: simclr_xscan` is SimCLR with one view
 # per scan of a cell. Here (torch-free) because the workflow resolves the partner scan at start-up.
 CROSS_SCAN_SUFFIX = "_xscan"
+TWO_SCAN_METHODS = ("ctfm",)
 
 
 def is_cross_scan(method: str) -> bool:
-    """True for a cross-scan pretraining method name (``simclr_xscan``, ``dino_xscan``, ...)."""
-    return str(method).endswith(CROSS_SCAN_SUFFIX)
+    """True for a pretraining method that needs both scans' crops: the cross-scan ones
+    (``simclr_xscan``, ``dino_xscan``, ...) and ``ctfm`` (seed 004's two-resolution fusion)."""
+    return str(method).endswith(CROSS_SCAN_SUFFIX) or str(method) in TWO_SCAN_METHODS
 
 
 def partner_scan(scan: str, scans, partners) -> str:
@@ -170,3 +172,86 @@ def partner_scan(scan: str, scans, partners) -> str:
             f"config pretrain.partner_scan.{scan}: {chosen!r} must be another key of config scans {scans}"
         )
     return chosen
+
+
+# --- the AML pipeline (seed 003; docs/aml.md). Torch-free: the workflow calls these at start-up.
+AML_LEVELS = ("one", "two", "three")
+
+
+def parse_labels(value: str, tasks: dict, where: str) -> dict[str, str]:
+    """``task=class;task=class`` of the sheet's ``labels`` column as a dict. An unknown task, a
+    class outside ``tasks[task]`` or a task given twice raises a :class:`CellstageError` naming
+    ``where`` (sheet and slide) and the allowed values.
+
+    >>> parse_labels("npm1=mut;flt3=wt", {"npm1": ["wt", "mut"], "flt3": ["wt", "mut"]}, "s")
+    {'npm1': 'mut', 'flt3': 'wt'}
+    """
+    out: dict[str, str] = {}
+    for part in str(value).split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        task, sep, cls = (p.strip() for p in part.partition("="))
+        if not sep or not task or not cls:
+            raise CellstageError(f"{where}: column 'labels': {part!r} is not task=class (e.g. npm1=mut)")
+        if task not in tasks:
+            raise CellstageError(
+                f"{where}: column 'labels': unknown task {task!r}; config aml.tasks has {sorted(tasks)}"
+            )
+        if cls not in tasks[task]:
+            raise CellstageError(
+                f"{where}: column 'labels': class {cls!r} of task {task!r} is not one of {list(tasks[task])} "
+                "(config aml.tasks)"
+            )
+        if task in out:
+            raise CellstageError(f"{where}: column 'labels': task {task!r} given twice")
+        out[task] = cls
+    return out
+
+
+def parse_slide_labels(rows, tasks: dict, path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """slide -> {task: class} for the sheet rows ``rows`` (DataFrame with slide, labels), each
+    checked by :func:`parse_labels`; several problems are reported together."""
+    out, problems = {}, []
+    for slide, value in zip(rows["slide"], rows["labels"]):
+        try:
+            out[str(slide)] = parse_labels(value, tasks, f"{path}: slide {slide}")
+        except CellstageError as e:
+            problems.append(str(e))
+    if problems:
+        raise CellstageError("invalid slide labels:\n  " + "\n  ".join(problems))
+    return out
+
+
+def mil_experiments(grids: list[dict], tasks: dict) -> list[dict]:
+    """The MIL configurations of config ``aml.mil.grids``: the union of each grid's cross product
+    of task x level x background x backbone x attention, duplicates removed, in grid order.
+    Level One is single-instance learning (seed 003 §3: "Level One crops already incorporate
+    multiple cells these images were used in a single instance learning paradigm"), so
+    (level one, attention) combinations are left out. An unknown task is an error."""
+    import itertools
+
+    seen, out = set(), []
+    for k, grid in enumerate(grids):
+        unknown = [t for t in grid["task"] if t not in tasks]
+        if unknown:
+            raise CellstageError(f"config aml.mil.grids[{k}].task: {unknown} not in aml.tasks {sorted(tasks)}")
+        for task, level, bg, backbone, attn in itertools.product(
+            grid["task"], grid["level"], grid["background"], grid["backbone"], grid["attention"]
+        ):
+            if level == "one" and attn:
+                continue
+            exp = {"task": task, "level": level, "background": bool(bg), "backbone": backbone, "attention": bool(attn)}
+            key = tuple(exp.values())
+            if key not in seen:
+                seen.add(key)
+                out.append(exp)
+    return out
+
+
+def mil_dir(exp: dict) -> str:
+    """Output folder of one MIL configuration (its fold folders lie inside)."""
+    return (
+        f"results/aml/mil/{exp['task']}/{exp['level']}/{'bg' if exp['background'] else 'nobg'}/"
+        f"{exp['backbone']}/{'attn' if exp['attention'] else 'noattn'}"
+    )

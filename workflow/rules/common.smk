@@ -8,13 +8,34 @@ from snakemake.utils import validate
 
 # the checkout's package (as workflow/scripts/_src_path.py does for the rule scripts)
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from cellstage.config import check_config, check_sheet_columns, is_cross_scan, partner_scan
+from cellstage.config import (
+    check_config,
+    check_sheet_columns,
+    is_cross_scan,
+    mil_dir,
+    mil_experiments,
+    parse_slide_labels,
+    partner_scan,
+)
 from cellstage.report.annotators import read_annotator_sheet
 from cellstage.train.grid import experiments as grid_experiments
 from cellstage.training.folds import check_split_leaks
 
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config, "config")  # cross-key checks (static_classes within classes, reference_scan a scan)
+
+
+def _check_testis_rows(sheet, path):
+    ref = sheet[sheet["scan"] == config["reference_scan"]]
+    missing_ref = sorted(set(sheet["section"]) - set(ref["section"]))
+    if missing_ref:
+        raise ValueError(f"{path}: sections {missing_ref} have no '{config['reference_scan']}' (reference_scan) row")
+    if ref["section"].duplicated().any():
+        raise ValueError(f"{path}: a section has more than one reference-scan row")
+    check_split_leaks(sheet, path)  # no test patient or section also in train
+    no_rois = sorted(ref.loc[ref["tubules"].isna(), "slide"])
+    if no_rois:
+        raise ValueError(f"{path}: reference slides {no_rois} need a 'tubules' GeoJSON")
 
 
 def _load_sheet(path):
@@ -38,16 +59,9 @@ def _load_sheet(path):
             f"{path}: column 'scan' has values {unknown} that are not keys of config 'scans' "
             f"({sorted(config['scans'])})"
         )
-    ref = sheet[sheet["scan"] == config["reference_scan"]]
-    missing_ref = sorted(set(sheet["section"]) - set(ref["section"]))
-    if missing_ref:
-        raise ValueError(f"{path}: sections {missing_ref} have no '{config['reference_scan']}' (reference_scan) row")
-    if ref["section"].duplicated().any():
-        raise ValueError(f"{path}: a section has more than one reference-scan row")
-    check_split_leaks(sheet, path)  # no test patient or section also in train
-    no_rois = sorted(ref.loc[ref["tubules"].isna(), "slide"])
-    if no_rois:
-        raise ValueError(f"{path}: reference slides {no_rois} need a 'tubules' GeoJSON")
+    # rows with slide-level `labels` are the AML pipeline's smears (seed 003); the others the testis
+    # pipeline's sections, whose checks (reference scan, tubules, split leaks) apply to them alone
+    _check_testis_rows(sheet[sheet["labels"].isna()], path)
     missing_files = [
         f"{row.slide}: {col}={row[col]}"
         for _, row in sheet.iterrows()
@@ -62,7 +76,12 @@ def _load_sheet(path):
     return sheet.set_index("slide", drop=False)
 
 
-slides = _load_sheet(config["samples"])
+SHEET = _load_sheet(config["samples"])  # every row: the slides rule convert converts
+# the AML pipeline's slides (seed 003): rows with `labels`, parsed against config aml.tasks
+AML_LABELS = parse_slide_labels(SHEET[SHEET["labels"].notna()], config["aml"]["tasks"], config["samples"])
+AML_SLIDES = list(AML_LABELS)
+slides = SHEET[SHEET["labels"].isna()]  # the testis pipeline's slides (seed 000)
+PIPELINES = config["pipelines"]
 REF_SCAN = config["reference_scan"]
 SLIDES = list(slides.index)
 REF_SLIDES = list(slides.index[slides["scan"] == REF_SCAN])
@@ -73,7 +92,7 @@ MASK_SLIDES = list(slides.index[slides["masks"].notna() & (slides["split"] != "t
 GRADE_SLIDES = list(slides.index[slides["grades"].notna()])
 # Slides read by Bio-Formats (sheet backend `bioformats`) are converted by rule convert_bioformats
 # in its own numpy<2 + Java environment; every other slide by rule convert.
-BIOFORMATS_SLIDES = [s for s in SLIDES if slides.loc[s].get("backend") == "bioformats"]
+BIOFORMATS_SLIDES = [s for s in SHEET.index if SHEET.loc[s].get("backend") == "bioformats"]
 GPU = config["gpus_per_job"]
 # data-parallel devices per training job (train_grader, pretrain, finetune): config devices_per_job,
 # used only with GPUs (gpus_per_job > 0); those rules ask for gpus_per_job x devices_per_job GPUs
@@ -130,8 +149,103 @@ def _alt(names):
     return "|".join(map(re.escape, names)) if names else "(?!x)x"
 
 
+# --- the AML pipeline (seed 003, aml.smk) ---------------------------------------------------
+# MIL configurations (cellstage.config.mil_experiments), each in
+#   results/aml/mil/{task}/{level}/{bg|nobg}/{backbone}/{attn|noattn}/fold{fold}/
+AML_EXPERIMENTS = mil_experiments(config["aml"]["mil"]["grids"], config["aml"]["tasks"]) if "aml" in PIPELINES else []
+AML_FOLDS = list(range(config["aml"]["mil"]["n_folds"]))
+AML_GRADE_SLIDES = [s for s in AML_SLIDES if SHEET.loc[s, "grades"]]
+if "aml" in PIPELINES:
+    if not AML_SLIDES:
+        raise ValueError(
+            f"config pipelines has 'aml' but {config['samples']} has no row with `labels` (the AML pipeline's slides)"
+        )
+    if any(e["level"] == "three" for e in AML_EXPERIMENTS) and not AML_GRADE_SLIDES:
+        raise ValueError(
+            f"config aml.mil.grids trains on Level Three, whose grading network needs expert grades, but no "
+            f"AML slide of {config['samples']} has a `grades` CSV (x, y, grade); add one or drop level three"
+        )
+if "testis" in PIPELINES and not SLIDES:
+    raise ValueError(
+        f"config pipelines has 'testis' but every row of {config['samples']} has `labels` (AML slides); "
+        "set pipelines: [aml]"
+    )
+
+
+def aml_grader_inputs(wildcards):
+    return {
+        "slides": expand("results/slides/{slide}.ome.zarr", slide=AML_GRADE_SLIDES),
+        "grades": [SHEET.loc[s, "grades"] for s in AML_GRADE_SLIDES],
+    }
+
+
+def _aml_task_slides(task):
+    return [s for s in AML_SLIDES if task in AML_LABELS[s]]
+
+
+def aml_level_files(slide_ids, level):
+    """The per-slide files one level's instances are read from."""
+    if level == "one":
+        return {
+            "zarr": expand("results/aml/level1/{s}.zarr", s=slide_ids),
+            "index": expand("results/aml/level1/{s}.parquet", s=slide_ids),
+        }
+    files = {
+        "zarr": expand("results/aml/level2/{s}.zarr", s=slide_ids),
+        "index": expand("results/aml/level2/{s}.parquet", s=slide_ids),
+    }
+    if level == "three":
+        files["grading"] = expand("results/aml/level3/{s}.parquet", s=slide_ids)
+    return files
+
+
+def aml_mil_inputs(wildcards):
+    return aml_level_files(_aml_task_slides(wildcards.task), wildcards.level)
+
+
+def aml_task_labels(wildcards):
+    """Param: slide -> class of the task, for the slides labelled for it (in sheet order)."""
+    return {s: AML_LABELS[s][wildcards.task] for s in _aml_task_slides(wildcards.task)}
+
+
+def aml_task_patients(wildcards):
+    return {s: SHEET.loc[s, "patient"] for s in _aml_task_slides(wildcards.task)}
+
+
+def aml_task_classes(wildcards):
+    return list(config["aml"]["tasks"][wildcards.task])
+
+
+def aml_fold_files(exp, name):
+    return [f"{mil_dir(exp)}/fold{fold}/{name}" for fold in AML_FOLDS]
+
+
+def aml_report_inputs(wildcards):
+    levels = {e["level"] for e in AML_EXPERIMENTS}
+    inputs = {
+        "metrics": [p for e in AML_EXPERIMENTS for p in aml_fold_files(e, "metrics.json")],
+        "level1": expand("results/aml/level1/{s}.parquet", s=AML_SLIDES),
+        "level2": expand("results/aml/level2/{s}.parquet", s=AML_SLIDES),
+    }
+    if "three" in levels:
+        inputs["level3"] = expand("results/aml/level3/{s}.parquet", s=AML_SLIDES)
+    return inputs
+
+
+def aml_outputs():
+    """Rule all's targets of the AML pipeline: its report's tables and figure."""
+    if "aml" not in PIPELINES:
+        return []
+    return list(rules.aml_report.output)
+
+
 wildcard_constraints:
-    slide=_alt(SLIDES),
+    aml_slide=_alt(AML_SLIDES),
+    task=_alt(sorted(config["aml"]["tasks"])),
+    level="one|two|three",
+    mil_backbone=_alt(sorted({e["backbone"] for e in AML_EXPERIMENTS})),
+    attention="attn|noattn",
+    slide=_alt(list(SHEET.index)),
     ref_slide=_alt(REF_SLIDES),
     mov_slide=_alt(MOV_SLIDES),
     scan=_alt(config["scans"]),
@@ -146,7 +260,7 @@ wildcard_constraints:
 
 # --- input functions --------------------------------------------------------------------------
 def slide_file(wildcards):
-    return slides.loc[wildcards.slide, "path"]
+    return SHEET.loc[wildcards.slide, "path"]
 
 
 def tubules_of(wildcards):
@@ -381,6 +495,9 @@ def annotator_study_inputs(wildcards):
 
 
 def final_outputs():
+    """Rule all's targets: the report of each pipeline of config `pipelines`."""
+    if "testis" not in PIPELINES:
+        return aml_outputs()
     annotators = list(rules.annotator_study.output) if config["annotators"]["sheet"] else []
     return (
         [
@@ -391,6 +508,7 @@ def final_outputs():
         ]
         + annotators
         + mae_reconstruction_files()
+        + aml_outputs()
     )
 
 
@@ -403,7 +521,7 @@ def sheet_value(column):
     """Param function: the sheet's value of `column` for the {slide} wildcard (None if empty)."""
 
     def get(wildcards):
-        value = slides.loc[wildcards.slide].get(column)
+        value = SHEET.loc[wildcards.slide].get(column)
         return None if value is None or value == "" else value
 
     return get
@@ -411,7 +529,7 @@ def sheet_value(column):
 
 def mpp_option(wildcards):
     """`--mpp <sheet mpp>` for the command line of rule convert_bioformats, or nothing."""
-    mpp = slides.loc[wildcards.slide, "mpp"]
+    mpp = SHEET.loc[wildcards.slide, "mpp"]
     return f"--mpp {mpp}" if mpp else ""
 
 

@@ -9,7 +9,7 @@ rule convert:
     benchmark:
         "results/benchmarks/convert/{slide}.tsv"
     wildcard_constraints:
-        slide=_alt([s for s in SLIDES if s not in BIOFORMATS_SLIDES]),
+        slide=_alt([s for s in SHEET.index if s not in BIOFORMATS_SLIDES]),
     conda:
         "../envs/io.yaml"
     threads: 1

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
+
+from cellstage.mil.stage import mil_fold_from_files
+from cellstage.utils import redirect_output
+
+with redirect_output(snakemake.log[0]):
+    w = snakemake.wildcards
+    mil_fold_from_files(
+        {k: list(v) for k, v in snakemake.input.items()},
+        dict(snakemake.params.labels),
+        dict(snakemake.params.patients),
+        list(snakemake.params.classes),
+        int(w.fold),
+        Path(snakemake.output.metrics).parent,
+        task=w.task,
+        level=w.level,
+        background=w.background == "bg",
+        backbone=w.mil_backbone,
+        attention=w.attention == "attn",
+        settings=snakemake.params.settings,
+        seed=snakemake.params.seed,
+        threads=snakemake.threads,
+        devices=snakemake.params.devices,
+    )
