@@ -18,11 +18,13 @@ from cellstage.config import (
     partner_scan,
 )
 from cellstage.report.annotators import read_annotator_sheet
+from cellstage.train.grid import check_backbone
 from cellstage.train.grid import experiments as grid_experiments
 from cellstage.training.folds import check_split_leaks
 
 validate(config, schema="../schemas/config.schema.yaml")
 check_config(config, "config")  # cross-key checks (static_classes within classes, reference_scan a scan)
+check_backbone(config["grading"]["backbone"], "grading")  # a typo fails here, not late in train_grader
 
 
 def _check_testis_rows(sheet, path):
@@ -45,6 +47,13 @@ def _load_sheet(path):
     sheet = check_sheet_columns(sheet, path)  # unknown/misspelled columns refused; absent optional ones added
     for col in ("mpp",):
         if col in sheet:
+            bad = [
+                f"{s}: {v!r}"
+                for s, v in zip(sheet["slide"], sheet[col])
+                if v != "" and pd.isna(pd.to_numeric(v, errors="coerce"))
+            ]
+            if bad:
+                raise ValueError(f"{path}: column {col!r} must be a number (µm/px), got {bad}")
             sheet[col] = pd.to_numeric(sheet[col].replace("", None), errors="raise")
     sheet = sheet.replace({"": None}).astype(object)
     sheet = sheet.where(pd.notna(sheet), None)
