@@ -672,6 +672,15 @@ def _write_sheet(sheet: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _run_batch(work: Path, sheet: pd.DataFrame, overrides: dict, targets: list[str]) -> subprocess.CompletedProcess:
+    """Write the batch's sheet and config (config/config.yaml + ``overrides``) under ``work`` and
+    run snakemake --keep-going on ``targets``."""
+    _write_sheet(sheet, work / "config/slides.tsv")
+    config = _base_config(work / "config/slides.tsv", **overrides)
+    (work / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return _snakemake(work, "--keep-going", *targets)
+
+
 def _row(slide, path, *, section=None, scan="40x", patient=None, split="train", mpp=MPP, **files) -> dict:
     row = {
         "slide": slide,
@@ -710,11 +719,7 @@ def slide_batch(tmp_path_factory):
     if "backend" not in sheet:
         sheet["backend"] = ""
     sheet["backend"] = sheet["backend"].fillna("")
-    _write_sheet(sheet, work / "config/slides.tsv")
-    (work / "config/config.yaml").write_text(yaml.safe_dump(_base_config(work / "config/slides.tsv"), sort_keys=False))
-    targets = [f"results/slides/{s}.ome.zarr" for s in sheet["slide"]]
-    proc = _snakemake(work, "--keep-going", *targets)
-    return work, proc
+    return work, _run_batch(work, sheet, {}, [f"results/slides/{s}.ome.zarr" for s in sheet["slide"]])
 
 
 @pytest.mark.slow
@@ -807,13 +812,8 @@ def annotation_batch(tmp_path_factory):
     for c in ANNOTATION_CASES:
         rows.append(_row(c.name, slide, **c.make(d, c.name)))
         targets.append(STAGE_OUTPUT[c.stage].format(c.name))
-    _write_sheet(pd.DataFrame(rows), work / "config/slides.tsv")
-    config = _base_config(
-        work / "config/slides.tsv", segmentation={"method": "classical"}, grading={"epochs": 1, "batch_size": 2}
-    )
-    (work / "config/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    proc = _snakemake(work, "--keep-going", *dict.fromkeys(targets))
-    return work, proc
+    overrides = {"segmentation": {"method": "classical"}, "grading": {"epochs": 1, "batch_size": 2}}
+    return work, _run_batch(work, pd.DataFrame(rows), overrides, list(dict.fromkeys(targets)))
 
 
 @pytest.mark.slow

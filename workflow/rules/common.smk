@@ -47,14 +47,12 @@ def _load_sheet(path):
     sheet = check_sheet_columns(sheet, path)  # unknown/misspelled columns refused; absent optional ones added
     for col in ("mpp",):
         if col in sheet:
-            bad = [
-                f"{s}: {v!r}"
-                for s, v in zip(sheet["slide"], sheet[col])
-                if v != "" and pd.isna(pd.to_numeric(v, errors="coerce"))
-            ]
-            if bad:
-                raise ValueError(f"{path}: column {col!r} must be a number (µm/px), got {bad}")
-            sheet[col] = pd.to_numeric(sheet[col].replace("", None), errors="raise")
+            values = pd.to_numeric(sheet[col].replace("", None), errors="coerce")
+            bad = values.isna() & (sheet[col] != "")
+            if bad.any():
+                got = [f"{s}: {v!r}" for s, v in zip(sheet.loc[bad, "slide"], sheet.loc[bad, col])]
+                raise ValueError(f"{path}: column {col!r} must be a number (µm/px), got {got}")
+            sheet[col] = values
     sheet = sheet.replace({"": None}).astype(object)
     sheet = sheet.where(pd.notna(sheet), None)
     validate(sheet, schema="../schemas/slides.schema.yaml")
