@@ -94,6 +94,32 @@ def load_config(path: str | os.PathLike) -> dict:
     return validate_config(data, where=str(path))
 
 
+def check_yaml_syntax(path: str | os.PathLike) -> None:
+    """Refuse a config file that is not YAML with its path, line and column (snakemake's own
+    ``configfile:`` loader says only "Config file is not valid JSON or YAML"). A missing file is
+    left to snakemake (a ``--configfile`` may stand in for it). Run before ``configfile:``
+    (workflow/rules/preflight.smk)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        def at(mark):
+            return f"line {mark.line + 1}, column {mark.column + 1}"
+
+        where = f" at {at(e.problem_mark)}" if e.problem_mark else ""
+        context = f" ({e.context} at {at(e.context_mark)})" if e.context and e.context_mark else ""
+        raise CellstageError(
+            f"{path}: not valid YAML{where}: {e.problem}{context}. Fix the file (check brackets, quotes and "
+            "indentation there)"
+        ) from None
+    except yaml.YAMLError as e:
+        raise CellstageError(f"{path}: not valid YAML: {e}") from None
+
+
 SHEET_SCHEMA_NAME = "slides.schema.yaml"
 
 
