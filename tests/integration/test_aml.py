@@ -23,9 +23,11 @@ TINY = {
         "mil": {"n_folds": 2, "bag_size": 8, "min_instances": 20, "max_bags_per_slide": 1,
                 "max_patches_per_slide": 4, "batch_size": 2, "patch_batch_size": 8, "img_size": 32,
                 "epochs": {"one": 1, "two": 1, "three": 1},
-                "grids": [{"task": ["npm1"], "level": ["one", "two", "three"], "background": [False],
+                # every level, and attention, in 3 configurations x 2 folds (CI budget: 2 MIL jobs fewer
+                # than every level without attention plus Level Three with it)
+                "grids": [{"task": ["npm1"], "level": ["one", "three"], "background": [False],
                            "backbone": ["resnet18"], "attention": [False]},
-                          {"task": ["npm1"], "level": ["three"], "background": [False],
+                          {"task": ["npm1"], "level": ["two"], "background": [False],
                            "backbone": ["resnet18"], "attention": [True]}]},
     },
 }
