@@ -28,6 +28,10 @@ include: "workflow/rules/annotators.smk"
 include: "workflow/rules/aml.smk"
 
 
+onsuccess:
+    report_exclusions()
+
+
 rule all:
     default_target: True
     input:

@@ -162,11 +162,33 @@ def set_torch_threads(n: int | None) -> None:
 
     On shared CPUs an oversubscribed thread count is several times slower than one thread. torch is
     imported only when a count is given, so stages that never train do not pay its import.
+
+    A pinned count wins over ``n``: ``CELLSTAGE_TORCH_THREADS`` (config ``determinism.threads``, set
+    by :func:`cellstage.determinism.apply_pins` when the workflow is parsed and inherited by every
+    job) is used whatever ``n`` is, so a rule granted 2 cores on one node and 8 on another computes
+    the same bits (the thread count changes how convolution weight gradients are reduced: issue 15
+    item 7). When pinned, the BLAS/OpenMP pools that threadpoolctl finds in this process (numpy's
+    OpenBLAS among them: Snakemake sets ``OMP/MKL/OPENBLAS_NUM_THREADS`` of every job to the rule's
+    ``threads``) are capped at the same count, and OpenCV's if it is loaded.
     """
+    pin = os.environ.get("CELLSTAGE_TORCH_THREADS", "").strip()  # cellstage.determinism.THREADS_ENV
+    pinned = int(pin) if pin.isdigit() and int(pin) > 0 else None
+    if pin and pinned is None:
+        raise CellstageError(f"CELLSTAGE_TORCH_THREADS={pin!r}: expected an integer >= 1 (config determinism.threads)")
+    n = pinned or n
     if n:
         import torch
 
         torch.set_num_threads(int(n))
+    if pinned:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=pinned)
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            pass
+        if "cv2" in sys.modules:
+            sys.modules["cv2"].setNumThreads(pinned)
 
 
 def seed_everything(seed: int) -> None:

@@ -153,6 +153,7 @@ rule aml_report:
         cv_md="results/aml/report/cv_tables.md",
         levels=report("results/aml/report/accuracy_by_level.png", caption="../report/aml_levels.rst", category="AML"),
         skipped="results/aml/report/skipped_slides.csv",
+        excluded="results/aml/report/excluded.csv",  # slides that failed (require_all_slides: false)
         provenance="results/aml/report/provenance.json",
     log:
         "results/logs/aml/report.log",

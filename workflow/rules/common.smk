@@ -17,12 +17,17 @@ from cellstage.config import (
     parse_slide_labels,
     partner_scan,
 )
+from cellstage.determinism import apply_pins
 from cellstage.report.annotators import read_annotator_sheet
 from cellstage.train.grid import check_backbone
 from cellstage.train.grid import experiments as grid_experiments
 from cellstage.training.folds import check_split_leaks
 
 validate(config, schema="../schemas/config.schema.yaml")
+# Before any job starts: the thread count and instruction set every job inherits, the same on
+# every node (issue 15 item 7, cellstage.determinism; docs/hpc.md "Determinism across machines").
+# A SLURM job re-parses this file on its node, which re-applies them (and checks the node's CPU).
+DETERMINISM_PINS = apply_pins(config["determinism"])
 check_config(config, "config")  # cross-key checks (static_classes within classes, reference_scan a scan)
 check_backbone(config["grading"]["backbone"], "grading")  # a typo fails here, not late in train_grader
 
@@ -596,3 +601,11 @@ def report_inputs(wildcards):
     if graded_ref_slides():
         inputs["grader"] = "results/grader"
     return inputs
+
+
+def report_exclusions():
+    """onsuccess: list the slides excluded with require_all_slides: false (cellstage.exclusion)."""
+    from cellstage.exclusion import find_markers, summary_lines
+
+    for line in summary_lines(find_markers("results")):
+        print(line, file=sys.stderr)

@@ -35,6 +35,7 @@ rule report:
         ),
         confusion_csv="results/report/confusion_per_scan.csv",
         stages=report("results/report/stages.csv", caption="../report/stages.rst", category="Pipeline"),
+        excluded="results/report/excluded.csv",  # slides that failed (require_all_slides: false)
         geojson=directory("results/report/qupath"),
         provenance="results/report/provenance.json",
     log:

@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import run_slide_stage
 from cellstage.reduce.aml_stage import grade_level_two
-from cellstage.utils import redirect_output
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     grade_level_two(
         snakemake.input.model,
         snakemake.input.zarr,
@@ -12,3 +13,7 @@ with redirect_output(snakemake.log[0]):
         threshold=snakemake.params.threshold,
         threads=snakemake.threads,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

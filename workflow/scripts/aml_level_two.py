@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import run_slide_stage
 from cellstage.reduce.aml_stage import level_two
-from cellstage.utils import redirect_output
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     s = snakemake.params.settings
     level_two(
         snakemake.input.zarr,
@@ -15,3 +16,7 @@ with redirect_output(snakemake.log[0]):
         seed=snakemake.params.seed,
         slide=snakemake.wildcards.aml_slide,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

@@ -1,11 +1,14 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import drop_excluded
 from cellstage.report.aml import aml_report
 from cellstage.utils import redirect_output
 
 with redirect_output(snakemake.log[0]):
+    # slides excluded upstream (require_all_slides: false) are left out and listed
+    inputs, excluded = drop_excluded(snakemake)
     aml_report(
-        dict(snakemake.input.items()),
+        dict(inputs.items()),
         dict(snakemake.output.items()),
         labels=snakemake.params.labels,
         tasks=snakemake.params.tasks,
@@ -15,4 +18,5 @@ with redirect_output(snakemake.log[0]):
         crop_size=snakemake.params.crop_size,
         patch_size=snakemake.params.patch_size,
         config_hash=snakemake.params.config_hash,
+        excluded=excluded,
     )

@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
 from cellstage.cells.stage import cells
-from cellstage.utils import redirect_output
+from cellstage.exclusion import run_slide_stage
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     cells(
         snakemake.input.labels,
         snakemake.input.slide,
@@ -18,3 +19,7 @@ with redirect_output(snakemake.log[0]):
         min_points_on_nuclei=snakemake.params.min_points_on_nuclei,
         region_classes=snakemake.params.region_classes,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import run_slide_stage
 from cellstage.io.stage import convert
-from cellstage.utils import redirect_output
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     convert(
         snakemake.input[0],
         snakemake.output[0],
@@ -11,3 +12,7 @@ with redirect_output(snakemake.log[0]):
         mpp=snakemake.params.mpp,
         tile=snakemake.params.tile,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
 from cellstage.crops.stage import extract_crops
-from cellstage.utils import redirect_output
+from cellstage.exclusion import run_slide_stage
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     extract_crops(
         snakemake.input.slide,
         snakemake.input.labels,
@@ -14,3 +15,7 @@ with redirect_output(snakemake.log[0]):
         meta=snakemake.params.meta,
         classes=snakemake.params.classes,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

@@ -2,17 +2,20 @@ from pathlib import Path
 
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import drop_excluded
 from cellstage.train.stage import finetune
 from cellstage.utils import redirect_output
 
 with redirect_output(snakemake.log[0]):
+    # slides excluded upstream (require_all_slides: false) are left out and listed
+    inputs, excluded = drop_excluded(snakemake)
     finetune(
-        train_zarr=list(snakemake.input.train_zarr),
-        train_index=list(snakemake.input.train_index),
-        test_zarr=list(snakemake.input.test_zarr),
-        test_index=list(snakemake.input.test_index),
-        fold_index=list(snakemake.input.fold_index),  # reference-scan indexes: one fold per cell
-        pretrained=snakemake.input.get("pretrained"),
+        train_zarr=list(inputs.train_zarr),
+        train_index=list(inputs.train_index),
+        test_zarr=list(inputs.test_zarr),
+        test_index=list(inputs.test_index),
+        fold_index=list(inputs.fold_index),  # reference-scan indexes: one fold per cell
+        pretrained=inputs.get("pretrained"),
         out_dir=Path(snakemake.output.metrics).parent,  # writes metrics.json, predictions.parquet, history.csv
         fold=int(snakemake.wildcards.fold),
         backbone=snakemake.wildcards.backbone,

@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import run_slide_stage
 from cellstage.register.stage import map_cells
-from cellstage.utils import redirect_output
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     map_cells(
         snakemake.input.registration,
         snakemake.input.cells,
@@ -19,3 +20,7 @@ with redirect_output(snakemake.log[0]):
         out_outside=snakemake.output.outside,
         region_classes=snakemake.params.region_classes,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

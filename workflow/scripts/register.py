@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import run_slide_stage
 from cellstage.register.stage import register
-from cellstage.utils import redirect_output
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     register(
         snakemake.input.ref,
         snakemake.input.mov,
@@ -15,3 +16,7 @@ with redirect_output(snakemake.log[0]):
         min_inlier_ratio=snakemake.params.min_inlier_ratio,
         coarse_max_side=snakemake.params.coarse_max_side,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

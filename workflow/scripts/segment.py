@@ -1,9 +1,10 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import run_slide_stage
 from cellstage.segment.stage import segment
-from cellstage.utils import redirect_output
 
-with redirect_output(snakemake.log[0]):
+
+def run():
     segment(
         snakemake.input.slide,
         snakemake.input.tubules,
@@ -16,3 +17,7 @@ with redirect_output(snakemake.log[0]):
         threads=snakemake.threads,
         region_classes=snakemake.params.region_classes,
     )
+
+
+# the per-slide stage, or an exclusion marker with require_all_slides: false (cellstage.exclusion)
+run_slide_stage(snakemake, run)

@@ -1,12 +1,15 @@
 import _src_path  # noqa: F401  (puts the repository's src/ first on sys.path: docs/hpc.md)
 
+from cellstage.exclusion import drop_excluded
 from cellstage.segment.stage import train_segmenter
 from cellstage.utils import redirect_output
 
 with redirect_output(snakemake.log[0]):
+    # slides excluded upstream (require_all_slides: false) are left out and listed
+    inputs, excluded = drop_excluded(snakemake, pairs={"slides": "masks"})
     train_segmenter(
-        list(snakemake.input.slides),
-        list(snakemake.input.masks),
+        list(inputs.slides),
+        list(inputs.masks),
         snakemake.output.model,
         snakemake.output.ap,
         pretrained=snakemake.params.pretrained,

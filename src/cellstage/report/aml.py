@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..exclusion import exclusion_table
 from ..utils import atomic_path, write_json
 from .provenance import markdown_block, report_provenance
 
@@ -79,8 +80,10 @@ def accuracy_by_level_figure(metrics_paths: Sequence[str], out_png) -> pd.DataFr
 
 
 def aml_report(inputs: Mapping, outputs: Mapping, *, labels: Mapping, tasks: Mapping, experiments: Sequence,
-               n_folds: int, min_instances: int, crop_size: int, patch_size: int, config_hash: str) -> dict:
-    """Write every output of rule ``aml_report`` (see the module docstring)."""
+               n_folds: int, min_instances: int, crop_size: int, patch_size: int, config_hash: str,
+               excluded: Sequence[Mapping] = ()) -> dict:
+    """Write every output of rule ``aml_report`` (see the module docstring). ``excluded``: the
+    records of slides left out upstream (:mod:`cellstage.exclusion`), written as ``excluded``."""
     from ..mil.tables import caption, cv_tables, to_markdown
     from ..reduce.levels import aml_reduction_from_files, table2_layout
 
@@ -120,6 +123,9 @@ def aml_report(inputs: Mapping, outputs: Mapping, *, labels: Mapping, tasks: Map
     skipped_df = pd.DataFrame(skipped, columns=["task", "level", "model", "fold", "slide", "n_instances", "split"])
     with atomic_path(outputs["skipped"]) as tmp:
         skipped_df.to_csv(tmp, index=False)
+    if "excluded" in outputs:
+        with atomic_path(outputs["excluded"]) as tmp:
+            exclusion_table(excluded).to_csv(tmp, index=False)
     write_json(outputs["provenance"], prov)
     log.info("AML report: %d reduction rows, %d CV tables, %d skipped slide entries", len(reduction), len(tables),
              len(skipped_df))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..exclusion import exclusion_table
 from ..io.slides import ZarrSlide
 from ..metrics import confusion
 from ..utils import atomic_path, file_sha256, write_json
@@ -90,7 +91,7 @@ def _umap_panels(summary: pd.DataFrame, experiments: Mapping, metric: str, crop_
 
 def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mapping], classes: Sequence[str],
            metric: str, config_hash: str | None = None, config: Mapping | None = None, seed: int = 0,
-           min_points_on_nuclei: float | None = None) -> dict:
+           min_points_on_nuclei: float | None = None, excluded: Sequence[Mapping] = ()) -> dict:
     """Paper-shaped tables, figures, per-stage counts and QuPath GeoJSON of the classified test cells.
 
     The best configuration is chosen by its mean validation ``metric`` over folds; its fold models'
@@ -100,7 +101,9 @@ def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mappi
     Outputs other than ``csv``, ``md``, ``folds``, ``summary``, ``boxplot``, ``confusion``,
     ``stages`` and ``geojson`` are written only when their key is given. Slides whose share of annotated points
     on a segmented nucleus is below ``min_points_on_nuclei`` are flagged in the stage table and
-    warned about in the log and the Markdown, with advice.
+    warned about in the log and the Markdown, with advice. ``excluded``: the records of the slides
+    left out upstream with ``require_all_slides: false`` (:mod:`cellstage.exclusion`), written as
+    ``excluded`` (CSV) and listed in the Markdown with their errors.
     """
     classes = list(classes)
     if config_hash is None:
@@ -180,6 +183,9 @@ def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mappi
     for w in qc_warnings:
         log.warning("segmentation QC %s", w)
     _write_csv(outputs["stages"], stages)
+    gone = exclusion_table(excluded)
+    if "excluded" in outputs:
+        _write_csv(outputs["excluded"], gone)
 
     slides = {Path(p).name.removesuffix(".ome.zarr"): p for p in _as_list(inputs["slides"])}
     cell_tables = {Path(p).stem: p for p in _as_list(inputs["cells"])}
@@ -197,6 +203,7 @@ def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mappi
         "confusion_test_ensemble": cm.tolist(),
         "n_configurations": int(len(summary)),
         "n_folds": int(folds["fold"].nunique()),
+        "excluded_slides": list(gone["slide"]),
         "provenance": {k: prov[k] for k in ("cellstage_version", "config_hash", "git", "inputs_digest")},
     }
     md = [
@@ -212,6 +219,9 @@ def report(inputs: Mapping, outputs: Mapping, *, experiments: Mapping[str, Mappi
         stages.to_markdown(index=False),
         "",
         *([f"**Segmentation QC warning** - {w}" for w in qc_warnings] + [""] if qc_warnings else []),
+        *(["## Excluded slides", "",
+           f"{len(gone)} slide(s) failed and were left out of every table (require_all_slides: false):", "",
+           gone.to_markdown(index=False), ""] if len(gone) else []),
     ]
     _write_text(outputs["md"], "\n".join(md))
     write_json(outputs["summary"], result)

@@ -63,7 +63,7 @@ import pandas as pd
 from ..metrics import compute_metrics
 from ..taxonomy import Taxonomy
 from ..training.folds import make_folds
-from ..utils import CellstageError, atomic_path, provenance, write_json
+from ..utils import CellstageError, atomic_path, provenance, set_torch_threads, write_json
 from .losses import check_loss
 from .recipes import Recipe, as_recipe
 
@@ -161,8 +161,7 @@ def run_fold(
     from .classifier import CellClassifier
 
     t0 = time.time()
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
+    set_torch_threads(num_threads)  # config determinism.threads, when pinned, wins
     taxonomy = taxonomy or Taxonomy()
     out_dir = Path(out_dir)
     train_sources = _check_sources(train_sources, "train")
