@@ -76,12 +76,10 @@ import platform
 import sys
 from collections.abc import Mapping, MutableMapping
 
-from .utils import CellstageError
+from .utils import THREADS_ENV, CellstageError, pinned_threads  # noqa: F401  (re-exported)
 
 log = logging.getLogger("cellstage")
 
-#: the variable :func:`cellstage.utils.set_torch_threads` reads: a pinned intra-op thread count
-THREADS_ENV = "CELLSTAGE_TORCH_THREADS"
 #: thread-count variables of the other libraries a job may load (OpenMP, MKL, OpenBLAS, OpenCV)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENCV_FOR_THREADS_NUM")
 #: cpu_capability -> (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR, /proc/cpuinfo flags the host needs)
@@ -176,17 +174,3 @@ def apply_pins(section: Mapping | None, environ: MutableMapping[str, str] | None
                     "it applies to the processes started from now on, not to this one")
     env.update(out)
     return out
-
-
-def pinned_threads(environ: Mapping[str, str] | None = None) -> int | None:
-    """The pinned torch thread count (``CELLSTAGE_TORCH_THREADS``), None when not pinned."""
-    v = (os.environ if environ is None else environ).get(THREADS_ENV, "").strip()
-    if not v:
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise CellstageError(f"{THREADS_ENV}={v!r}: expected an integer >= 1 (config determinism.threads)")
-    return n

@@ -107,6 +107,14 @@ def require_all(snakemake) -> bool:
     return bool(snakemake.config.get("require_all_slides", True))
 
 
+def _record(snakemake, slide: str, error: str, cause: Mapping | None) -> dict:
+    """A marker's record; ``cause`` None: this stage is the first failure of the slide."""
+    record = {"slide": slide, "rule": snakemake.rule, "error": error, "log": str(snakemake.log[0])}
+    record["cause"] = dict(cause) if cause is not None else dict(record)
+    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return record
+
+
 def run_slide_stage(snakemake, body: Callable[[], object]) -> None:
     """Run one per-slide stage (``body``) with its log; degrade to exclusion markers when allowed.
 
@@ -129,14 +137,7 @@ def run_slide_stage(snakemake, body: Callable[[], object]) -> None:
                     f"require_all_slides: false (rule {cause['rule']}: {cause['error']}). Fix that "
                     f"input and rerun with --forcerun {cause['rule']}, or set require_all_slides: false"
                 )
-            record = {
-                "slide": slide,
-                "rule": snakemake.rule,
-                "error": f"input excluded: {path}",
-                "log": str(snakemake.log[0]),
-                "cause": cause,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
+            record = _record(snakemake, slide, f"input excluded: {path}", cause)
             write_markers(outputs, record)
             log.warning(
                 "slide %s excluded: its input %s is excluded (slide %s, rule %s: %s)",
@@ -158,14 +159,7 @@ def run_slide_stage(snakemake, body: Callable[[], object]) -> None:
             log.error(
                 "slide %s excluded (require_all_slides: false): %s\n%s", slide, _first_line(exc), traceback.format_exc()
             )
-            record = {
-                "slide": slide,
-                "rule": snakemake.rule,
-                "error": _first_line(exc),
-                "log": str(snakemake.log[0]),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            record["cause"] = {k: record[k] for k in ("slide", "rule", "error", "log")}
+            record = _record(snakemake, slide, _first_line(exc), None)
             write_markers(outputs, record)
 
 

@@ -157,6 +157,24 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+#: the pinned torch thread count's variable (config ``determinism.threads``; cellstage.determinism)
+THREADS_ENV = "CELLSTAGE_TORCH_THREADS"
+
+
+def pinned_threads(environ=None) -> int | None:
+    """The pinned torch thread count (``CELLSTAGE_TORCH_THREADS``), None when not pinned."""
+    v = (os.environ if environ is None else environ).get(THREADS_ENV, "").strip()
+    if not v:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise CellstageError(f"{THREADS_ENV}={v!r}: expected an integer >= 1 (config determinism.threads)")
+    return n
+
+
 def set_torch_threads(n: int | None) -> None:
     """Torch uses the cores the rule was given (Snakemake's ``threads``), not every core of the node.
 
@@ -171,10 +189,7 @@ def set_torch_threads(n: int | None) -> None:
     OpenBLAS among them: Snakemake sets ``OMP/MKL/OPENBLAS_NUM_THREADS`` of every job to the rule's
     ``threads``) are capped at the same count, and OpenCV's if it is loaded.
     """
-    pin = os.environ.get("CELLSTAGE_TORCH_THREADS", "").strip()  # cellstage.determinism.THREADS_ENV
-    pinned = int(pin) if pin.isdigit() and int(pin) > 0 else None
-    if pin and pinned is None:
-        raise CellstageError(f"CELLSTAGE_TORCH_THREADS={pin!r}: expected an integer >= 1 (config determinism.threads)")
+    pinned = pinned_threads()
     n = pinned or n
     if n:
         import torch
