@@ -71,6 +71,10 @@ def test_aml_pipeline_runs_every_level_the_mil_grid_and_the_report(aml_run):
     for metrics in (work / "results/aml/mil").rglob("metrics.json"):
         m = json.loads(metrics.read_text())
         assert m["history"] and 0 <= m["final"]["val_acc"] <= 1
+    oof = pd.read_csv(work / "results/aml/report/out_of_fold.csv")
+    assert sorted(oof["level"]) == ["one", "three", "two"] and (oof["folds"] == 2).all()
+    assert oof["accuracy"].between(0, 1).all() and oof["auc"].dropna().between(0, 1).all()
+    assert "Out-of-fold slide predictions" in md
     assert (work / "results/aml/report/accuracy_by_level.png").stat().st_size > 5000
     prov = json.loads((work / "results/aml/report/provenance.json").read_text())
     assert prov["config_hash"] and prov["inputs"]

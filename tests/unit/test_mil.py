@@ -125,6 +125,40 @@ def test_attention_weights_are_in_0_1_one_per_instance():
     assert net.attention[0].out_features == 2048 and net.attention[2].out_features == 1
 
 
+def test_normalized_attention_pooling_reweights_but_cannot_rescale_the_bag():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 32, 32)
+    nets = {p: MILNet("resnet18", n_classes=2, attention=True, pooling=p).eval() for p in ("mean", "normalized")}
+    nets["normalized"].load_state_dict(nets["mean"].state_dict())
+    with torch.no_grad():
+        h = nets["mean"].instance_features(x)
+        for net in nets.values():  # a constant weight sigmoid(-3) = 0.047 for every instance
+            torch.nn.init.zeros_(net.attention[2].weight)
+            torch.nn.init.constant_(net.attention[2].bias, -3.0)
+        pooled = {p: net.attend(x)[0] for p, net in nets.items()}
+    assert torch.allclose(pooled["mean"], torch.sigmoid(torch.tensor(-3.0)) * h.mean(1), atol=1e-5)
+    assert torch.allclose(pooled["normalized"], h.mean(1), atol=1e-5)  # equal weights: the plain mean
+    with pytest.raises(CellstageError, match="attention_pooling"):
+        MILNet("resnet18", n_classes=2, attention=True, pooling="max")
+
+
+def test_precise_bn_recomputes_running_statistics_from_training_batches_only():
+    from cellstage.mil.train import MILModule
+
+    torch.manual_seed(0)
+    module = MILModule("resnet18", n_classes=2, bn_batches=2)
+    batches = [(torch.randn(2, 3, 3, 16, 16) * 2 + 1, torch.zeros(2), torch.zeros(2, dtype=torch.long))
+               for _ in range(3)]
+    weights = {k: v.clone() for k, v in module.state_dict().items() if "running" not in k and "num_batches" not in k}
+    bn1, conv1 = module.net.backbone.bn1, module.net.backbone.conv1
+    assert module.precise_bn(batches, 2) == 2
+    with torch.no_grad():  # bn1's running mean: the average of the first two batches' channel means
+        means = [conv1(b[0].reshape(-1, 3, 16, 16)).mean(dim=(0, 2, 3)) for b in batches[:2]]
+    assert torch.allclose(bn1.running_mean, torch.stack(means).mean(0), atol=1e-5)
+    assert bn1.momentum == 0.1 and int(bn1.num_batches_tracked) == 2
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())  # no weight moved
+
+
 @pytest.mark.parametrize("backbone,px,size", [("resnet18", 32, None), ("resnet18_mod", 32, None),
                                               ("resnet50", 32, None), ("inception_v3", 32, 75)])
 def test_every_backbone_classifies_a_bag(backbone, px, size):
@@ -224,7 +258,8 @@ def test_killed_fold_resumes_to_the_same_history_and_predictions(tmp_path, stop_
     rng = np.random.default_rng(1)
     inst, labels = instances(tmp_path, [(f"s{i}", 24, i % 2 == 0) for i in range(6)], 32, rng)
     folds = {f"s{i}": int(i >= 4) for i in range(6)}
-    args = _fold_args(epochs=3, bag_size=4, max_bags_per_slide=2, min_instances=10, batch_size=2, attention=True)
+    args = _fold_args(epochs=3, bag_size=4, max_bags_per_slide=2, min_instances=10, batch_size=2, attention=True,
+                      precise_bn_batches=2, attention_pooling="normalized")
     whole = train_mil_fold(inst, labels, ["mutated", "wildtype"], folds, 1, tmp_path / "a", **args)
     out = tmp_path / "b"
     stop_in_epoch(lambda: train_mil_fold(inst, labels, ["mutated", "wildtype"], folds, 1, out, **args), 2)
@@ -260,3 +295,29 @@ def test_tables_have_the_shape_of_tables_3_to_8(tmp_path):
     assert "| 2 |" in md and "-" in md.splitlines()[6] and "±" in md
     written = write_tables(tables, tmp_path / "tables")
     assert [p.name for p in written] == ["FLT3_levelthree_nobg.csv", "tables.md"]
+
+
+def test_out_of_fold_summary_pools_every_folds_validation_slides(tmp_path):
+    from cellstage.mil.tables import out_of_fold_markdown, out_of_fold_summary
+
+    paths = []
+    # two folds of two slides each; P(mut) ranks every mutated slide first (AUC 1) although the
+    # 0.5 cut calls one mutated slide wild type (accuracy 3/4)
+    for fold, preds in enumerate([[("wt", 0.2), ("mut", 0.45)], [("wt", 0.3), ("mut", 0.9)]]):
+        p = tmp_path / f"f{fold}" / "metrics.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps({
+            "config": {"task": "npm1", "level": "three", "background": True, "model": "ResNet18", "fold": fold,
+                       "classes": ["wt", "mut"]},
+            "val_predictions": [{"slide": f"s{fold}{i}", "label": y, "pred": "mut" if pm > 0.5 else "wt",
+                                 "p_wt": 1 - pm, "p_mut": pm} for i, (y, pm) in enumerate(preds)]}))
+        paths.append(p)
+    (row,) = out_of_fold_summary(paths).itertuples()
+    assert (row.task, row.level, row.background, row.model, row.folds, row.slides) == ("npm1", "three", True,
+                                                                                      "ResNet18", 2, 4)
+    assert row.accuracy == pytest.approx(0.75) and row.auc == pytest.approx(1.0)
+    md = out_of_fold_markdown(out_of_fold_summary(paths))
+    assert "| npm1 | three | with | ResNet18 | 2 | 4 | 0.750 | 1.000 |" in md
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(CellstageError, match="bad.json"):
+        out_of_fold_summary([tmp_path / "bad.json"])

@@ -151,6 +151,7 @@ rule aml_report:
         reduction_md="results/aml/report/reduction.md",
         cv_csv=report("results/aml/report/cv_tables.csv", caption="../report/aml_cv.rst", category="AML"),
         cv_md="results/aml/report/cv_tables.md",
+        out_of_fold=report("results/aml/report/out_of_fold.csv", caption="../report/aml_oof.rst", category="AML"),
         levels=report("results/aml/report/accuracy_by_level.png", caption="../report/aml_levels.rst", category="AML"),
         skipped="results/aml/report/skipped_slides.csv",
         excluded="results/aml/report/excluded.csv",  # slides that failed (require_all_slides: false)

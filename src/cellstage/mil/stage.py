@@ -108,6 +108,8 @@ def train_mil_fold(
     seed: int,
     threads: int | None,
     devices: int,
+    precise_bn_batches: int = 0,
+    attention_pooling: str = "mean",
 ) -> dict:
     """Train one fold of the MIL cross-validation (validation = slides of fold ``fold``, training =
     the other folds' slides; slides with fold -1, no label or < ``min_instances`` instances are
@@ -157,7 +159,8 @@ def train_mil_fold(
     out_dir.mkdir(parents=True, exist_ok=True)
     set_torch_threads(threads)
     seed_all(seed)
-    module = MILModule(backbone, len(classes), bool(attention), size if size != crop_px else None, float(lr))
+    module = MILModule(backbone, len(classes), bool(attention), size if size != crop_px else None, float(lr),
+                       int(precise_bn_batches), str(attention_pooling))
     train_plan = BagPlan([s.n for s in train], bag_size, max_bags_per_slide, seed)
     val_plan = BagPlan([s.n for s in val], bag_size, max_bags_per_slide, seed)
     train_loader = DataLoader(BagDataset(train, y_train), batch_size=int(batch_size),
@@ -171,7 +174,8 @@ def train_mil_fold(
               "classes": list(classes), "bag_size": int(bag_size), "max_bags_per_slide": max_bags_per_slide,
               "min_instances": int(min_instances), "epochs": int(epochs), "lr": float(lr),
               "batch_size": int(batch_size), "img_size": img_size, "input_px": int(size), "crop_px": crop_px,
-              "seed": int(seed), "devices": int(devices)}
+              "seed": int(seed), "devices": int(devices), "precise_bn_batches": int(precise_bn_batches),
+              "attention_pooling": str(attention_pooling)}
     h = hashlib.sha256()
     for s in (*train, *val):
         h.update(f"{s.slide}|{s.array}|{s.mask}|{labels[s.slide]}|{folds[s.slide]}|".encode())
@@ -284,4 +288,5 @@ def mil_fold_from_files(files: Mapping[str, Sequence[str]], labels: Mapping[str,
         batch_size=int(settings["patch_batch_size"] if single else settings["batch_size"]),
         img_size=settings["img_size"],
         seed=seed, threads=threads, devices=devices,
+        precise_bn_batches=int(settings["precise_bn_batches"]), attention_pooling=settings["attention_pooling"],
     )

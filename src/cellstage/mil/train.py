@@ -15,6 +15,16 @@ Metrics per epoch (Tables 3–8 report training/validation loss and accuracy per
 
 The last validation's slide probabilities travel in the resume checkpoint, so a run resumed after
 its last epoch still reports them.
+
+**Precise BatchNorm** (``bn_batches``, config ``aml.mil.precise_bn_batches``; not in seed 003):
+before each validation the BatchNorm running statistics are recomputed, as a cumulative average
+(``momentum=None``), over the first ``bn_batches`` batches of the epoch's training bags with the
+current weights (no gradients, no weight change). The exponential running averages lag behind
+weights that Adam at 10⁻³ moves a lot in the few steps a small cohort gives (the smear demo:
+8 steps per epoch), and the lag shifts every validation slide the same way. Measured on the smear
+demo (NPM1, Level Three, 8 epochs, folds 0–2, 4 validation slides each): without, P(mut) of all
+four validation slides of fold 0 was 0.88–0.98 (accuracy 0.5 in every fold); with 8 batches,
+0.34–0.79 and accuracy 0.75 in each fold. 0 turns it off (plain running averages).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .models import MILNet
 
@@ -30,10 +41,11 @@ class MILModule(L.LightningModule):
     """:class:`~cellstage.mil.models.MILNet` trained with cross-entropy and Adam at ``lr``."""
 
     def __init__(self, backbone: str = "resnet18", n_classes: int = 2, attention: bool = False,
-                 size: int | None = None, lr: float = 1e-3) -> None:
+                 size: int | None = None, lr: float = 1e-3, bn_batches: int = 0,
+                 pooling: str = "mean") -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = MILNet(backbone, n_classes, attention, size)
+        self.net = MILNet(backbone, n_classes, attention, size, pooling)
         self._val: dict[int, list] = {}
         self.val_slide_probs: dict[int, list[float]] | None = None
         self.val_slide_labels: dict[int, int] = {}
@@ -52,6 +64,34 @@ class MILModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val = {}
+        if self.hparams.bn_batches and not self.trainer.sanity_checking:
+            self.precise_bn(self.trainer.train_dataloader, int(self.hparams.bn_batches))
+
+    @torch.no_grad()
+    def precise_bn(self, loader, n_batches: int) -> int:
+        """Recompute every BatchNorm's running mean/var over the first ``n_batches`` batches of
+        ``loader`` (cumulative average, current weights); returns the number of batches used."""
+        bns = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not bns or loader is None:
+            return 0
+        momenta = [m.momentum for m in bns]
+        was_training = self.net.training
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        self.net.train()
+        used = 0
+        try:
+            for x, _, _ in loader:
+                if used >= n_batches:
+                    break
+                self.net.instance_features(x.to(self.device))
+                used += 1
+        finally:
+            for m, mo in zip(bns, momenta):
+                m.momentum = mo
+            self.net.train(was_training)
+        return used
 
     def validation_step(self, batch, batch_idx):
         x, s, y = batch

@@ -6,6 +6,9 @@
   per-fold training and validation loss and accuracy of every model, mean and std over the folds;
 * Fig. 3 shape — validation accuracy of every fold by level (all backbones and background
   modalities), one panel per task;
+* the out-of-fold summary (not in seed 003) — :func:`cellstage.mil.tables.out_of_fold_summary`:
+  per model the validation slides of all folds pooled, slide accuracy and ROC AUC
+  (``out_of_fold.csv``, and the end of ``cv_tables.md``);
 * the slides each MIL run left out (fewer than ``aml.mil.min_instances`` crops, §3).
 
 Every Markdown table starts with the provenance line (config hash, git commit, version, input
@@ -84,7 +87,7 @@ def aml_report(inputs: Mapping, outputs: Mapping, *, labels: Mapping, tasks: Map
                excluded: Sequence[Mapping] = ()) -> dict:
     """Write every output of rule ``aml_report`` (see the module docstring). ``excluded``: the
     records of slides left out upstream (:mod:`cellstage.exclusion`), written as ``excluded``."""
-    from ..mil.tables import caption, cv_tables, to_markdown
+    from ..mil.tables import caption, cv_tables, out_of_fold_markdown, out_of_fold_summary, to_markdown
     from ..reduce.levels import aml_reduction_from_files, table2_layout
 
     metrics = list(inputs.get("metrics", []))
@@ -108,6 +111,11 @@ def aml_report(inputs: Mapping, outputs: Mapping, *, labels: Mapping, tasks: Map
     md = [head]
     for key, table in sorted(tables.items()):
         md.append(to_markdown(table, caption(*key)))
+    oof = out_of_fold_summary(metrics)
+    md.append(out_of_fold_markdown(oof))
+    if "out_of_fold" in outputs:
+        with atomic_path(outputs["out_of_fold"]) as tmp:
+            oof.to_csv(tmp, index=False)
     with atomic_path(outputs["cv_md"]) as tmp:
         tmp.write_text("\n".join(md) + "\n")
 
