@@ -23,9 +23,11 @@ Attention pooling (``pooling``, config ``aml.mil.attention_pooling``): ``mean`` 
 reading above, ``mean_k(w_k h_k)``. ``normalized`` divides by the weights instead,
 ``sum_k(w_k h_k) / sum_k(w_k)`` (not in seed 003): the sigmoid can then only re-weight the
 instances, not rescale the whole bag. With ``mean``, scaling the bag by ``w`` is the quickest way
-to change the logits, and the sigmoid saturates: on the smear demo (NPM1, Level Three, 8 epochs,
-lr 10⁻³), the weights reached 0 in every one of folds 0–2 and the model gave every slide
-P(mut) = 0.49 (accuracy 0.5). With ``normalized`` the same folds reached 0.75 each.
+to change the logits, and the sigmoid saturates. On the smear demo (NPM1, Level Three without
+background, 8 epochs, lr 10⁻³) the ``mean`` model collapsed in each of folds 0–2: it gave every
+slide the same P(mut) = 0.49 (accuracy 0.5), with and without precise BatchNorm (fold 0, and a
+last-layer bias started at +3, sigmoid 0.95). With ``normalized`` and precise BatchNorm the same
+folds reached 0.75 each.
 
 InceptionV3 needs inputs of at least :data:`INCEPTION_MIN_PX` = 75 px (its stem reduces smaller
 images to nothing); :func:`input_size` resizes smaller crops up to 75 px (bilinear).
