@@ -32,7 +32,6 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .models import MILNet
 
@@ -67,30 +66,25 @@ class MILModule(L.LightningModule):
         if self.hparams.bn_batches and not self.trainer.sanity_checking:
             self.precise_bn(self.trainer.train_dataloader, int(self.hparams.bn_batches))
 
-    @torch.no_grad()
     def precise_bn(self, loader, n_batches: int) -> int:
         """Recompute every BatchNorm's running mean/var over the first ``n_batches`` batches of
-        ``loader`` (cumulative average, current weights); returns the number of batches used."""
-        bns = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not bns or loader is None:
+        ``loader`` (cumulative average, current weights: :func:`torch.optim.swa_utils.update_bn`);
+        returns the number of batches used."""
+        from itertools import islice
+
+        from torch.optim.swa_utils import update_bn
+
+        if loader is None:
             return 0
-        momenta = [m.momentum for m in bns]
-        was_training = self.net.training
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        self.net.train()
         used = 0
-        try:
-            for x, _, _ in loader:
-                if used >= n_batches:
-                    break
-                self.net.instance_features(x.to(self.device))
+
+        def batches():  # streamed: one batch in memory at a time
+            nonlocal used
+            for batch in islice(loader, n_batches):
                 used += 1
-        finally:
-            for m, mo in zip(bns, momenta):
-                m.momentum = mo
-            self.net.train(was_training)
+                yield batch
+
+        update_bn(batches(), self.net, device=self.device)
         return used
 
     def validation_step(self, batch, batch_idx):
